@@ -1,0 +1,325 @@
+//! Configuration: one serde struct per section of the TOML file (DESIGN.md, "Configuration"),
+//! every field with a constant default, and `validate` that rejects a bad file naming the
+//! field and the reason. Reading files and command-line flags happens in `main`; this module
+//! only turns text into a checked `Config`.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration that cannot be used. The text names the field and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML does not parse, has an unknown field, or a value of the wrong type.
+    #[error("{0}")]
+    Syntax(String),
+    /// A field parsed but its value is not acceptable.
+    #[error("invalid value for `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub redis: RedisConfig,
+    pub peers: Vec<PeerConfig>,
+    pub replication: ReplicationConfig,
+    pub client: ClientConfig,
+}
+
+/// Which io driver the runtime threads use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// io_uring where the kernel and seccomp profile allow it, else epoll.
+    Auto,
+    /// io_uring or fail at start.
+    IoUring,
+    /// epoll even where io_uring works.
+    Epoll,
+}
+
+/// How writes pick their upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sequencing {
+    /// `slot` when the node has peers, `local` when it is alone.
+    Auto,
+    /// Every write goes through its slot's sequencer core (`slot % threads`).
+    Slot,
+    /// Everything goes through the receiving core's own upstream connection.
+    Local,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub id: String,
+    pub priority: u32,
+    pub listen: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub io_driver: IoDriver,
+    pub sequencing: Sequencing,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "a".into(),
+            priority: 100,
+            listen: ([0, 0, 0, 0], 7380).into(),
+            peer_listen: ([0, 0, 0, 0], 7381).into(),
+            admin_listen: ([127, 0, 0, 1], 7382).into(),
+            threads: 0,
+            io_driver: IoDriver::Auto,
+            sequencing: Sequencing::Auto,
+        }
+    }
+}
+
+/// `[redis]`: the local standalone Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub address: SocketAddr,
+    pub username: String,
+    pub password: String,
+    pub connect_timeout_ms: u64,
+    /// A client waiting longer than this for Redis gets `-ERR` and the connection is reset.
+    pub request_timeout_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            address: ([127, 0, 0, 1], 6379).into(),
+            username: String::new(),
+            password: String::new(),
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 5000,
+            reconnect_backoff_max_ms: 2000,
+        }
+    }
+}
+
+/// One `[[peers]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: String,
+    pub address: String,
+    pub redis: String,
+    #[serde(default)]
+    pub priority: Option<u32>,
+}
+
+/// `write_ack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteAck {
+    All,
+    Local,
+}
+
+/// `[replication]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    pub write_ack: WriteAck,
+    pub failover_timeout_ms: u64,
+    pub backlog_bytes: ByteSize,
+    pub secret: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            write_ack: WriteAck::All,
+            failover_timeout_ms: 1000,
+            backlog_bytes: ByteSize(256 << 20),
+            secret: String::new(),
+        }
+    }
+}
+
+/// Commands refused by default: they would change the topology or stop the server behind
+/// the proxy's back, or they only make sense on a direct connection.
+pub const DEFAULT_REFUSED: &[&str] = &[
+    "replicaof",
+    "slaveof",
+    "shutdown",
+    "failover",
+    "cluster",
+    "debug",
+    "sync",
+    "psync",
+    "module",
+    "migrate",
+    "restore-asking",
+    "asking",
+    "readonly",
+    "readwrite",
+];
+
+/// `[client]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    pub password: String,
+    pub max_clients: usize,
+    /// Reply bytes waiting for a slow client beyond which it is disconnected.
+    pub output_buffer_limit: ByteSize,
+    /// The same for clients in pub/sub or MONITOR mode, whose output is not request-driven.
+    pub pubsub_output_buffer_limit: ByteSize,
+    pub proto_max_bulk_len: ByteSize,
+    pub refuse_commands: Vec<String>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            password: String::new(),
+            max_clients: 10000,
+            output_buffer_limit: ByteSize(256 << 20),
+            pubsub_output_buffer_limit: ByteSize(32 << 20),
+            proto_max_bulk_len: ByteSize(512 << 20),
+            refuse_commands: DEFAULT_REFUSED.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// A size written as a number of bytes or a string with a unit (`"256MiB"`, `"1gb"`, `"64k"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 1048576, \"64KiB\", \"256MiB\")"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB or GiB)")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.node.id.is_empty() {
+            return bad("node.id", "must not be empty".into());
+        }
+        if self.node.threads > 1024 {
+            return bad("node.threads", format!("{} is more threads than makes sense (0 = one per core)", self.node.threads));
+        }
+        if self.redis.request_timeout_ms == 0 {
+            return bad("redis.request_timeout_ms", "must be greater than 0".into());
+        }
+        if self.redis.connect_timeout_ms == 0 {
+            return bad("redis.connect_timeout_ms", "must be greater than 0".into());
+        }
+        if self.client.max_clients == 0 {
+            return bad("client.max_clients", "must be greater than 0".into());
+        }
+        if self.client.proto_max_bulk_len.0 < 1024 || self.client.proto_max_bulk_len.0 > (i32::MAX as u64) * 2 {
+            return bad("client.proto_max_bulk_len", "must be between 1KiB and 4GiB".into());
+        }
+        if self.client.output_buffer_limit.0 < 1 << 16 {
+            return bad("client.output_buffer_limit", "must be at least 64KiB".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        seen.insert(self.node.id.as_str());
+        for p in &self.peers {
+            if !seen.insert(p.id.as_str()) {
+                return bad("peers.id", format!("`{}` is used twice (node ids must be unique in the group)", p.id));
+            }
+        }
+        if !self.peers.is_empty() && self.replication.secret.is_empty() {
+            return bad("replication.secret", "must be set when [[peers]] are configured".into());
+        }
+        if self.replication.failover_timeout_ms < 100 {
+            return bad("replication.failover_timeout_ms", "must be at least 100".into());
+        }
+        Ok(())
+    }
+
+    /// Runtime threads to start: `node.threads`, or one per available core.
+    pub fn thread_count(&self) -> usize {
+        if self.node.threads > 0 {
+            self.node.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    /// Whether writes take the hop to their slot's sequencer core.
+    pub fn slot_sequencing(&self) -> bool {
+        match self.node.sequencing {
+            Sequencing::Slot => true,
+            Sequencing::Local => false,
+            Sequencing::Auto => !self.peers.is_empty(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_sizes() {
+        let c = Config::from_toml("[client]\noutput_buffer_limit = \"1MiB\"\n").unwrap();
+        assert_eq!(c.client.output_buffer_limit, ByteSize(1 << 20));
+        assert_eq!(c.redis.address.port(), 6379);
+        assert!(c.client.refuse_commands.iter().any(|c| c == "shutdown"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::from_toml("[node]\nthreds = 2\n").unwrap_err().to_string();
+        assert!(e.contains("threds"), "{e}");
+        let e = Config::from_toml("[redis]\naddress = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(e.contains("address"), "{e}");
+        let e = Config::from_toml("[client]\nmax_clients = 0\n").unwrap_err().to_string();
+        assert!(e.contains("client.max_clients"), "{e}");
+        let e = Config::from_toml("[replication]\nbacklog_bytes = \"12 parsecs\"\n").unwrap_err().to_string();
+        assert!(e.contains("backlog_bytes") || e.contains("parsecs"), "{e}");
+    }
+}

@@ -1,0 +1,17 @@
+//! resplica: a thread-per-core Redis sidecar proxy.
+//!
+//! Layout, from the wire inwards:
+//! - [`resp`]: RESP framing (requests, replies, errors), incremental and zero-copy. No I/O.
+//! - [`command`]: the command table generated from Redis 7 and key extraction. No I/O.
+//! - [`slot`]: key → slot (CRC16, hashtags). No I/O.
+//! - [`session`]: per-client state and the decision for each request (answer locally,
+//!   forward on a shared lane or on a dedicated connection, wait). No I/O, no clock.
+//! - [`config`]: the TOML configuration with defaults and validation.
+//! - [`server`]: the thin monoio shell that runs all of the above on sockets.
+
+pub mod command;
+pub mod config;
+pub mod resp;
+pub mod server;
+pub mod session;
+pub mod slot;

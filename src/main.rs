@@ -1,0 +1,128 @@
+//! The `resplica` binary: parse flags and the config file, start the runtime threads, stop
+//! gracefully on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use resplica::config::{Config, IoDriver};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// resplica: a thread-per-core Redis proxy that keeps standalone Redis instances in sync.
+///
+/// With a file:     resplica --config /etc/resplica/resplica.toml
+/// Without a file:  resplica --listen 127.0.0.1:7380 --redis 127.0.0.1:6379
+///                  (a drop-in proxy in front of one Redis)
+///
+/// Flags given together with --config override the file's values.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    /// TOML configuration file (schema: conf/resplica.toml).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address clients connect to ([node] listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Address of the local Redis ([redis] address).
+    #[arg(long, value_name = "ADDR")]
+    redis: Option<SocketAddr>,
+    /// Runtime threads; 0 = one per core ([node] threads).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// auto, io_uring or epoll ([node] io_driver).
+    #[arg(long, value_name = "DRIVER", value_parser = parse_driver)]
+    io_driver: Option<IoDriver>,
+    /// Password clients must AUTH with ([client] password).
+    #[arg(long, value_name = "PASSWORD")]
+    requirepass: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn parse_driver(s: &str) -> Result<IoDriver, String> {
+    match s {
+        "auto" => Ok(IoDriver::Auto),
+        "io_uring" | "iouring" | "uring" => Ok(IoDriver::IoUring),
+        "epoll" => Ok(IoDriver::Epoll),
+        other => Err(format!("unknown io driver `{other}` (auto, io_uring, epoll)")),
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("bad config file {}", path.display()))?
+        }
+        None => {
+            if cli.listen.is_none() || cli.redis.is_none() {
+                anyhow::bail!("give --config FILE, or both --listen ADDR and --redis ADDR (see --help)");
+            }
+            Config::default()
+        }
+    };
+    if let Some(a) = cli.listen {
+        cfg.node.listen = a;
+    }
+    if let Some(a) = cli.redis {
+        cfg.redis.address = a;
+    }
+    if let Some(t) = cli.threads {
+        cfg.node.threads = t;
+    }
+    if let Some(d) = cli.io_driver {
+        cfg.node.io_driver = d;
+    }
+    if let Some(p) = &cli.requirepass {
+        cfg.client.password = p.clone();
+    }
+    cfg.validate().context("bad configuration")?;
+    Ok(cfg)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = load(&cli)?;
+    if cli.check {
+        println!("configuration OK");
+        return Ok(());
+    }
+    let server = resplica::server::Server::start(cfg).context("cannot start")?;
+    let stop = server.stop_handle();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("resplica-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping: no new connections, finishing in-flight commands");
+                stop.stop();
+            }
+        })
+        .context("cannot spawn signal thread")?;
+    server.join().context("runtime failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("resplica: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

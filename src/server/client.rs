@@ -1,0 +1,494 @@
+//! One client connection: a reader task that parses requests and acts on the session's
+//! decisions, a writer task that sends replies in request order, and (when the client needs
+//! one) a dedicated upstream connection with its own reader task.
+//!
+//! Replies arrive out of order from several lanes; `ClientOut` holds one entry per request in
+//! request order and the writer sends the filled prefix. Output is bounded: the reader stops
+//! taking requests while too many reply bytes wait, and a client in pub/sub or MONITOR mode
+//! (whose output is not driven by its requests) is disconnected past its limit, like Redis's
+//! client-output-buffer-limit.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::lane::{connect_upstream, Sink};
+use super::{Core, CoreMsg, Signal};
+use crate::resp::{self, ReplySkimmer, RequestParser};
+use crate::session::{Action, DedicatedUse, Forward, Lane, Session, Tag};
+
+/// Stop reading requests while this many reply bytes wait to be written.
+const BACKPRESSURE_BYTES: usize = 4 << 20;
+/// ... or while this many requests wait for replies.
+const BACKPRESSURE_ENTRIES: usize = 64 * 1024;
+
+struct Entry {
+    reply: Option<Bytes>,
+    tag: Option<Tag>,
+    discard: bool,
+}
+
+#[derive(Default)]
+struct ClientOut {
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`.
+    base_seq: u64,
+    /// Bytes of filled replies not yet written.
+    ready_bytes: usize,
+    /// Close once everything queued is written.
+    close_after: bool,
+    /// The connection is finished; drop anything that arrives.
+    dead: bool,
+}
+
+/// A client connection's shared state (between its tasks and the lanes that answer it).
+pub(crate) struct Client {
+    pub id: u64,
+    core: Rc<Core>,
+    session: RefCell<Session>,
+    out: RefCell<ClientOut>,
+    wake_writer: Signal,
+    wake_reader: Signal,
+    closing: Cell<bool>,
+    close_signal: Signal,
+}
+
+impl Client {
+    /// Deliver the reply to request `seq`.
+    pub fn fill(&self, seq: u64, reply: Bytes) {
+        let tag = {
+            let mut out = self.out.borrow_mut();
+            if out.dead || seq < out.base_seq {
+                return;
+            }
+            let idx = (seq - out.base_seq) as usize;
+            let len = reply.len();
+            let Some(e) = out.entries.get_mut(idx) else { return };
+            if e.reply.is_some() {
+                return;
+            }
+            let discard = e.discard;
+            e.reply = Some(reply);
+            let tag = e.tag.take();
+            if !discard {
+                out.ready_bytes += len;
+            }
+            tag
+        };
+        if let Some(tag) = tag {
+            let env = self.core.env.borrow();
+            self.session.borrow_mut().completed(tag, &env);
+        }
+        self.check_output_limit();
+        self.wake_writer.notify();
+        self.wake_reader.notify();
+    }
+
+    /// Queue a reply that answers no request of this client's (pub/sub messages, MONITOR
+    /// lines, RESP3 pushes).
+    fn push_unsolicited(&self, reply: Bytes) {
+        {
+            let mut out = self.out.borrow_mut();
+            if out.dead {
+                return;
+            }
+            out.ready_bytes += reply.len();
+            out.entries.push_back(Entry { reply: Some(reply), tag: None, discard: false });
+        }
+        self.check_output_limit();
+        self.wake_writer.notify();
+    }
+
+    /// Reserve the next reply slot; returns its sequence number.
+    fn push_pending(&self, tag: Option<Tag>, discard: bool) -> u64 {
+        let mut out = self.out.borrow_mut();
+        out.entries.push_back(Entry { reply: None, tag, discard });
+        out.base_seq + out.entries.len() as u64 - 1
+    }
+
+    fn push_local(&self, reply: Bytes) {
+        let seq = self.push_pending(None, false);
+        self.fill(seq, reply);
+    }
+
+    fn check_output_limit(&self) {
+        let cfg = &self.core.shared.cfg.client;
+        let raw = self.session.borrow().is_raw();
+        let limit = if raw { cfg.pubsub_output_buffer_limit.0 } else { cfg.output_buffer_limit.0 } as usize;
+        let over = {
+            let out = self.out.borrow();
+            !out.dead && out.ready_bytes > limit
+        };
+        if over {
+            warn!(client = self.id, limit, "client output buffer limit reached: closing the client connection");
+            self.kill();
+        }
+    }
+
+    fn kill(&self) {
+        {
+            let mut out = self.out.borrow_mut();
+            out.dead = true;
+            out.entries.clear();
+            out.ready_bytes = 0;
+        }
+        self.closing.set(true);
+        self.close_signal.notify();
+        self.wake_writer.notify();
+        self.wake_reader.notify();
+    }
+
+    /// Graceful stop: stop reading, finish what is in flight, close.
+    pub fn begin_close(&self) {
+        self.closing.set(true);
+        self.close_signal.notify();
+        self.wake_reader.notify();
+    }
+
+    fn is_dead(&self) -> bool {
+        self.out.borrow().dead
+    }
+
+    fn backpressured(&self) -> bool {
+        let out = self.out.borrow();
+        out.ready_bytes > BACKPRESSURE_BYTES || out.entries.len() > BACKPRESSURE_ENTRIES
+    }
+}
+
+/// Take a newly accepted connection: enforce `max_clients`, then start its tasks.
+pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
+    let shared = &core.shared;
+    let _ = stream.set_nodelay(true);
+    let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    if n > shared.cfg.client.max_clients {
+        shared.clients.fetch_sub(1, Ordering::AcqRel);
+        monoio::spawn(async move {
+            let mut stream = stream;
+            let _ = stream.write_all(resp::error("ERR max number of clients reached")).await;
+            let _ = stream.shutdown().await;
+        });
+        return;
+    }
+    let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let session = {
+        let env = core.env.borrow();
+        Session::new(id, core.idx, &env, peer.to_string(), local)
+    };
+    let client = Rc::new(Client {
+        id,
+        core: core.clone(),
+        session: RefCell::new(session),
+        out: RefCell::new(ClientOut::default()),
+        wake_writer: Signal::default(),
+        wake_reader: Signal::default(),
+        closing: Cell::new(false),
+        close_signal: Signal::default(),
+    });
+    core.clients.borrow_mut().insert(id, Rc::downgrade(&client));
+    let core = core.clone();
+    monoio::spawn(async move {
+        let (rd, wr) = stream.into_split();
+        let writer = monoio::spawn(write_loop(client.clone(), wr));
+        read_loop(client.clone(), rd).await;
+        let _ = writer.await;
+        client.kill();
+        core.clients.borrow_mut().remove(&client.id);
+        core.shared.clients.fetch_sub(1, Ordering::AcqRel);
+        debug!(client = client.id, "client closed");
+    });
+}
+
+/// The client's dedicated upstream connection (write side; a task reads the replies).
+struct Dedicated {
+    wr: OwnedWriteHalf<TcpStream>,
+    fifo: Rc<RefCell<VecDeque<Option<u64>>>>,
+    alive: Rc<Cell<bool>>,
+    db: u32,
+    proto: u8,
+}
+
+async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
+    let max_bulk = client.core.shared.cfg.client.proto_max_bulk_len.0 as usize;
+    let mut parser = RequestParser::new(max_bulk);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut held: Option<crate::resp::Request> = None;
+    let mut dedicated: Option<Dedicated> = None;
+    'conn: loop {
+        // Act on everything already buffered.
+        loop {
+            if client.closing.get() || client.is_dead() {
+                break 'conn;
+            }
+            if client.backpressured() {
+                break;
+            }
+            let req = match held.take() {
+                Some(r) => r,
+                None => match parser.parse(&mut buf) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        client.push_local(resp::error(&format!("ERR {e}")));
+                        break 'conn;
+                    }
+                },
+            };
+            let action = {
+                let env = client.core.env.borrow();
+                client.session.borrow_mut().on_request(&req, &env)
+            };
+            match action {
+                Action::Wait => {
+                    held = Some(req);
+                    break;
+                }
+                Action::Nothing => {}
+                Action::Reply(r) => client.push_local(r),
+                Action::Close(r) => {
+                    client.push_local(r);
+                    break 'conn;
+                }
+                Action::Reset(r) => {
+                    if let Some(mut d) = dedicated.take() {
+                        let _ = d.wr.shutdown().await;
+                    }
+                    client.push_local(r);
+                }
+                Action::Forward(f) => dispatch(&client, f, &mut dedicated).await,
+            }
+        }
+        if held.is_some() || client.backpressured() {
+            monoio::select! {
+                _ = client.wake_reader.wait() => {},
+                _ = client.close_signal.wait() => {},
+            }
+            continue;
+        }
+        // Need more bytes.
+        let want = parser.bytes_hint(buf.len()).max(16 * 1024);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        let len = buf.len();
+        let read = monoio::select! {
+            r = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)) => Some(r),
+            _ = client.close_signal.wait() => None,
+        };
+        let Some((res, b)) = read else { break };
+        buf = b.into_inner();
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    // Let the writer flush what is owed, then close.
+    client.out.borrow_mut().close_after = true;
+    client.wake_writer.notify();
+    if let Some(mut d) = dedicated.take() {
+        let _ = d.wr.shutdown().await;
+    }
+}
+
+async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedicated>) {
+    let core = &client.core;
+    match f.lane {
+        Lane::Shared(owner) if owner == core.idx => {
+            let proto = client.session.borrow().proto;
+            let seq = client.push_pending(Some(f.tag), f.discard);
+            if let Err(reply) = core.lane(proto).enqueue(f.db, f.frame, Sink::Local(client.clone(), seq)) {
+                client.fill(seq, reply);
+            }
+        }
+        Lane::Shared(owner) => {
+            let proto = client.session.borrow().proto;
+            let seq = client.push_pending(Some(f.tag), f.discard);
+            let msg = CoreMsg::Request { from: core.idx, client: client.id, seq, db: f.db, proto, frame: f.frame };
+            if core.shared.inboxes[owner].try_send(msg).is_err() {
+                client.fill(seq, resp::error("ERR resplica: sequencer core unavailable (shutting down)"));
+            }
+        }
+        Lane::Dedicated => {
+            let (db, proto) = {
+                let s = client.session.borrow();
+                (s.db, s.proto)
+            };
+            if dedicated.as_ref().is_some_and(|d| !d.alive.get()) {
+                *dedicated = None;
+            }
+            if dedicated.is_none() {
+                match open_dedicated(client, db, proto).await {
+                    Ok(d) => *dedicated = Some(d),
+                    Err(e) => {
+                        let seq = client.push_pending(Some(f.tag), f.discard);
+                        client.session.borrow_mut().dedicated_lost();
+                        client.fill(seq, resp::error(&format!("ERR resplica: cannot open a connection to Redis ({e})")));
+                        return;
+                    }
+                }
+            }
+            let Some(d) = dedicated.as_mut() else { return };
+            let mut frames = BytesMut::new();
+            // Bring a reused connection to the client's database and protocol.
+            if d.db != f.db {
+                frames.extend_from_slice(&crate::resp::Request::from_args(&[b"SELECT".as_slice(), f.db.to_string().as_bytes()]).frame);
+                d.fifo.borrow_mut().push_back(None);
+                d.db = f.db;
+            }
+            if d.proto != proto {
+                frames.extend_from_slice(&crate::resp::Request::from_args(&[b"HELLO".as_slice(), proto.to_string().as_bytes()]).frame);
+                d.fifo.borrow_mut().push_back(None);
+                d.proto = proto;
+            }
+            if f.dedicated == DedicatedUse::Raw {
+                // Replies flow straight through; nothing to match.
+            } else {
+                let seq = client.push_pending(Some(f.tag), f.discard);
+                d.fifo.borrow_mut().push_back(Some(seq));
+            }
+            let res = if frames.is_empty() {
+                d.wr.write_all(f.frame).await.0
+            } else {
+                frames.extend_from_slice(&f.frame);
+                d.wr.write_all(frames.freeze()).await.0
+            };
+            if res.is_err() {
+                d.alive.set(false);
+            }
+            // A SELECT sent by the client itself moves the dedicated connection too.
+            d.db = client.session.borrow().db;
+        }
+    }
+}
+
+async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedicated, String> {
+    let stream = connect_upstream(&client.core, proto, db).await?;
+    let (rd, wr) = stream.into_split();
+    let fifo = Rc::new(RefCell::new(VecDeque::new()));
+    let alive = Rc::new(Cell::new(true));
+    monoio::spawn(dedicated_reader(client.clone(), rd, fifo.clone(), alive.clone()));
+    Ok(Dedicated { wr, fifo, alive, db, proto })
+}
+
+async fn dedicated_reader(
+    client: Rc<Client>,
+    mut rd: OwnedReadHalf<TcpStream>,
+    fifo: Rc<RefCell<VecDeque<Option<u64>>>>,
+    alive: Rc<Cell<bool>>,
+) {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut skim = ReplySkimmer::new();
+    let reason = 'read: loop {
+        let want = skim.bytes_hint(buf.len()).max(16 * 1024);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        let len = buf.len();
+        let (res, b) = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)).await;
+        buf = b.into_inner();
+        match res {
+            Ok(0) => break "Redis closed the connection",
+            Err(_) => break "read error",
+            Ok(_) => {}
+        }
+        loop {
+            match skim.next_reply(&mut buf) {
+                Ok(Some(reply)) => {
+                    let next = fifo.borrow_mut().pop_front();
+                    match next {
+                        Some(Some(seq)) => client.fill(seq, reply),
+                        Some(None) => {}
+                        None => {
+                            if client.session.borrow().is_raw() {
+                                client.push_unsolicited(reply);
+                            } else {
+                                break 'read "Redis sent a reply nobody asked for";
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => break 'read "invalid reply from Redis",
+            }
+        }
+    };
+    alive.set(false);
+    let was_raw = client.session.borrow().is_raw();
+    let pending: Vec<_> = fifo.borrow_mut().drain(..).flatten().collect();
+    if !pending.is_empty() || was_raw {
+        debug!(client = client.id, "dedicated connection ended: {reason}");
+    }
+    let err = resp::error(&format!("ERR resplica: connection to Redis lost ({reason})"));
+    for seq in pending {
+        client.fill(seq, err.clone());
+    }
+    client.session.borrow_mut().dedicated_lost();
+    if was_raw && !client.closing.get() {
+        // A subscriber whose upstream connection died has lost its subscriptions: close it
+        // so it reconnects and subscribes again, as it would if Redis itself had restarted.
+        client.begin_close();
+    }
+}
+
+async fn write_loop(client: Rc<Client>, mut wr: OwnedWriteHalf<TcpStream>) {
+    loop {
+        let (chunks, total, done) = {
+            let mut out = client.out.borrow_mut();
+            if out.dead {
+                break;
+            }
+            let mut chunks: Vec<Bytes> = Vec::new();
+            let mut total = 0;
+            while out.entries.front().is_some_and(|e| e.reply.is_some()) {
+                let Some(e) = out.entries.pop_front() else { break };
+                out.base_seq += 1;
+                if let (Some(r), false) = (e.reply, e.discard) {
+                    total += r.len();
+                    chunks.push(r);
+                }
+            }
+            let done = out.close_after && out.entries.is_empty();
+            (chunks, total, done)
+        };
+        if chunks.is_empty() {
+            if done {
+                break;
+            }
+            client.wake_writer.wait().await;
+            continue;
+        }
+        let ok = if chunks.len() == 1 || total > (1 << 20) {
+            let mut ok = true;
+            for c in chunks {
+                if wr.write_all(c).await.0.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            ok
+        } else {
+            let mut joined = BytesMut::with_capacity(total);
+            for c in &chunks {
+                joined.extend_from_slice(c);
+            }
+            wr.write_all(joined.freeze()).await.0.is_ok()
+        };
+        {
+            let mut out = client.out.borrow_mut();
+            out.ready_bytes = out.ready_bytes.saturating_sub(total);
+        }
+        client.wake_reader.notify();
+        if !ok {
+            client.kill();
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}

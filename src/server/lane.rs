@@ -1,0 +1,379 @@
+//! A lane: one core's shared, pipelined connection to the local Redis. Requests from every
+//! client of the core (and writes hopping in from other cores) are appended to one output
+//! buffer and written once per event-loop turn; replies come back in order and are matched to
+//! their senders first-in first-out.
+//!
+//! The lane owns reconnecting (with capped exponential backoff) and the request timeout: when
+//! Redis is down or stalls, every waiting sender gets a clear `-ERR` instead of a hang.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::{Core, CoreMsg, Signal};
+use crate::resp::{self, ReplySkimmer};
+
+/// Frames larger than this are written as their own buffer instead of being copied into the
+/// coalescing buffer.
+const COPY_LIMIT: usize = 16 * 1024;
+
+/// Where a reply goes.
+pub(crate) enum Sink {
+    /// Nobody: a SELECT the lane inserted itself.
+    Discard,
+    /// A client of this core.
+    Local(Rc<super::client::Client>, u64),
+    /// A client of another core (the request hopped here to its sequencer).
+    Remote { core: usize, client: u64, seq: u64 },
+}
+
+struct LaneState {
+    connected: bool,
+    stopping: bool,
+    /// Why the lane is not connected (for the error clients get).
+    down_reason: String,
+    /// Database the connection is in once everything queued has run.
+    db: u32,
+    /// Frames waiting to be written, coalesced.
+    out: VecDeque<Bytes>,
+    current: BytesMut,
+    /// Senders waiting for replies, oldest first, with when they were queued.
+    sinks: VecDeque<(Sink, Instant)>,
+    /// Why the current connection must be abandoned (set by the timeout check).
+    broken: Option<String>,
+}
+
+/// One shared upstream connection of a core.
+pub(crate) struct Lane {
+    core: Weak<Core>,
+    proto: u8,
+    st: RefCell<LaneState>,
+    wake_writer: Signal,
+    wake_conn: Signal,
+}
+
+impl Lane {
+    pub fn new(core: Weak<Core>, proto: u8) -> Rc<Lane> {
+        Rc::new(Lane {
+            core,
+            proto,
+            st: RefCell::new(LaneState {
+                connected: false,
+                stopping: false,
+                down_reason: "not connected yet".into(),
+                db: 0,
+                out: VecDeque::new(),
+                current: BytesMut::new(),
+                sinks: VecDeque::new(),
+                broken: None,
+            }),
+            wake_writer: Signal::default(),
+            wake_conn: Signal::default(),
+        })
+    }
+
+    /// Queue a request; the error reply to give the sender if Redis is unreachable.
+    pub fn enqueue(&self, db: u32, frame: Bytes, sink: Sink) -> Result<(), Bytes> {
+        let mut st = self.st.borrow_mut();
+        if !st.connected {
+            let addr = self.core.upgrade().map(|c| c.shared.cfg.redis.address.to_string()).unwrap_or_default();
+            return Err(resp::error(&format!("ERR resplica: Redis at {addr} is unavailable ({})", st.down_reason)));
+        }
+        let now = Instant::now();
+        if db != st.db {
+            let select = crate::resp::Request::from_args(&[b"SELECT".as_slice(), db.to_string().as_bytes()]);
+            st.push_frame(&select.frame);
+            st.sinks.push_back((Sink::Discard, now));
+            st.db = db;
+        }
+        st.push_frame(&frame);
+        st.sinks.push_back((sink, now));
+        drop(st);
+        self.wake_writer.notify();
+        Ok(())
+    }
+
+    /// Stop reconnecting (graceful shutdown).
+    pub fn stop(&self) {
+        self.st.borrow_mut().stopping = true;
+        self.wake_conn.notify();
+    }
+
+    fn deliver(&self, sink: Sink, reply: Bytes) {
+        match sink {
+            Sink::Discard => {}
+            Sink::Local(client, seq) => client.fill(seq, reply),
+            Sink::Remote { core, client, seq } => {
+                if let Some(c) = self.core.upgrade() {
+                    let _ = c.shared.inboxes[core].try_send(CoreMsg::Reply { client, seq, reply });
+                }
+            }
+        }
+    }
+
+    fn fail_all(&self, reason: &str) {
+        let msg = resp::error(&format!("ERR resplica: {reason}"));
+        loop {
+            let next = self.st.borrow_mut().sinks.pop_front();
+            match next {
+                Some((sink, _)) => self.deliver(sink, msg.clone()),
+                None => break,
+            }
+        }
+    }
+}
+
+impl LaneState {
+    fn push_frame(&mut self, frame: &Bytes) {
+        if frame.len() > COPY_LIMIT {
+            if !self.current.is_empty() {
+                let chunk = self.current.split().freeze();
+                self.out.push_back(chunk);
+            }
+            self.out.push_back(frame.clone());
+        } else {
+            self.current.extend_from_slice(frame);
+        }
+    }
+
+    fn take_out(&mut self) -> VecDeque<Bytes> {
+        if !self.current.is_empty() {
+            let chunk = self.current.split().freeze();
+            self.out.push_back(chunk);
+        }
+        std::mem::take(&mut self.out)
+    }
+}
+
+/// Connect, authenticate and prepare a connection to the local Redis in protocol `proto`.
+/// Returns the stream and the replies of the setup commands' trailing queries.
+pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<TcpStream, String> {
+    let cfg = &core.shared.cfg.redis;
+    let connect = monoio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), TcpStream::connect_addr(cfg.address));
+    let mut stream = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err(format!("connect timed out after {} ms", cfg.connect_timeout_ms)),
+    };
+    let _ = stream.set_nodelay(true);
+    let mut setup: Vec<Vec<Vec<u8>>> = Vec::new();
+    if !cfg.password.is_empty() {
+        if cfg.username.is_empty() {
+            setup.push(vec![b"AUTH".to_vec(), cfg.password.as_bytes().to_vec()]);
+        } else {
+            setup.push(vec![b"AUTH".to_vec(), cfg.username.as_bytes().to_vec(), cfg.password.as_bytes().to_vec()]);
+        }
+    }
+    if proto >= 3 {
+        setup.push(vec![b"HELLO".to_vec(), b"3".to_vec()]);
+    }
+    if db != 0 {
+        setup.push(vec![b"SELECT".to_vec(), db.to_string().into_bytes()]);
+    }
+    if setup.is_empty() {
+        return Ok(stream);
+    }
+    let replies = roundtrip(&mut stream, &setup, cfg.connect_timeout_ms).await?;
+    for (cmd, reply) in setup.iter().zip(&replies) {
+        if resp::is_error(reply) {
+            let text = String::from_utf8_lossy(reply).trim().to_string();
+            return Err(format!("{} rejected: {text}", String::from_utf8_lossy(&cmd[0])));
+        }
+    }
+    Ok(stream)
+}
+
+/// Send commands and read one reply each, with a deadline.
+pub(crate) async fn roundtrip(stream: &mut TcpStream, cmds: &[Vec<Vec<u8>>], timeout_ms: u64) -> Result<Vec<Bytes>, String> {
+    let mut out = BytesMut::new();
+    for c in cmds {
+        out.extend_from_slice(&crate::resp::Request::from_args(c).frame);
+    }
+    let work = async {
+        let (res, _) = stream.write_all(out.freeze()).await;
+        res.map_err(|e| format!("write: {e}"))?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut replies = Vec::new();
+        let mut skim = ReplySkimmer::new();
+        while replies.len() < cmds.len() {
+            while let Some(r) = skim.next_reply(&mut buf).map_err(|e| e.to_string())? {
+                replies.push(r);
+            }
+            if replies.len() == cmds.len() {
+                break;
+            }
+            buf.reserve(4096);
+            let len = buf.len();
+            let (res, b) = stream.read(monoio::buf::IoBufMut::slice_mut(buf, len..)).await;
+            buf = b.into_inner();
+            match res {
+                Ok(0) => return Err("Redis closed the connection during setup".to_string()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        Ok(replies)
+    };
+    match monoio::time::timeout(Duration::from_millis(timeout_ms), work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("Redis did not answer setup within {timeout_ms} ms")),
+    }
+}
+
+/// Learn the Redis version and number of databases for HELLO and SELECT (lane 0 only).
+async fn learn_server_facts(core: &Core) {
+    let Ok(mut s) = connect_upstream(core, 2, 0).await else { return };
+    let cmds = vec![
+        vec![b"INFO".to_vec(), b"server".to_vec()],
+        vec![b"CONFIG".to_vec(), b"GET".to_vec(), b"databases".to_vec()],
+    ];
+    let Ok(replies) = roundtrip(&mut s, &cmds, core.shared.cfg.redis.connect_timeout_ms).await else { return };
+    let info = String::from_utf8_lossy(&replies[0]);
+    let mut env = core.env.borrow_mut();
+    if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
+        env.redis_version = v.trim().to_string();
+    }
+    // CONFIG GET reply: *2 $9 databases $N <n>
+    let cfg = String::from_utf8_lossy(&replies[1]);
+    if let Some(n) = cfg.lines().filter(|l| !l.starts_with(['*', '$'])).nth(1).and_then(|n| n.trim().parse().ok()) {
+        env.databases = n;
+    }
+}
+
+/// The lane's life: connect, serve until the connection breaks or stalls, fail whoever was
+/// waiting, back off, reconnect.
+pub(crate) async fn run(lane: Rc<Lane>) {
+    let Some(core) = lane.core.upgrade() else { return };
+    let cfg = core.shared.cfg.redis.clone();
+    let max_backoff = Duration::from_millis(cfg.reconnect_backoff_max_ms.max(10));
+    let mut backoff = Duration::from_millis(10);
+    let mut was_up = true;
+    monoio::spawn(timeout_watch(lane.clone(), Duration::from_millis(cfg.request_timeout_ms)));
+    loop {
+        if lane.st.borrow().stopping {
+            return;
+        }
+        match connect_upstream(&core, lane.proto, 0).await {
+            Ok(stream) => {
+                if lane.proto == 2 && core.idx == 0 {
+                    learn_server_facts(&core).await;
+                }
+                if !was_up {
+                    info!(core = core.idx, proto = lane.proto, "connected to Redis at {}", cfg.address);
+                }
+                was_up = true;
+                backoff = Duration::from_millis(10);
+                {
+                    let mut st = lane.st.borrow_mut();
+                    st.connected = true;
+                    st.db = 0;
+                    st.broken = None;
+                }
+                let (rd, wr) = stream.into_split();
+                let reason = monoio::select! {
+                    r = read_loop(&lane, rd) => r,
+                    r = write_loop(&lane, wr) => r,
+                    _ = lane.wake_conn.wait() => {
+                        let st = lane.st.borrow();
+                        st.broken.clone().unwrap_or_else(|| "resplica is shutting down".to_string())
+                    },
+                };
+                {
+                    let mut st = lane.st.borrow_mut();
+                    st.connected = false;
+                    st.down_reason = reason.clone();
+                    st.out.clear();
+                    st.current.clear();
+                }
+                warn!(core = core.idx, proto = lane.proto, "connection to Redis at {} lost: {reason}", cfg.address);
+                lane.fail_all(&reason);
+                continue;
+            }
+            Err(e) => {
+                lane.st.borrow_mut().down_reason = e.clone();
+                if was_up {
+                    warn!(core = core.idx, proto = lane.proto, "cannot reach Redis at {}: {e}; retrying", cfg.address);
+                    was_up = false;
+                }
+            }
+        }
+        monoio::select! {
+            _ = monoio::time::sleep(backoff) => {},
+            _ = lane.wake_conn.wait() => {},
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut skim = ReplySkimmer::new();
+    loop {
+        let want = skim.bytes_hint(buf.len()).max(16 * 1024);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        let len = buf.len();
+        let (res, b) = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)).await;
+        buf = b.into_inner();
+        match res {
+            Ok(0) => return "Redis closed the connection".to_string(),
+            Ok(_) => {}
+            Err(e) => return format!("read: {e}"),
+        }
+        loop {
+            match skim.next_reply(&mut buf) {
+                Ok(Some(reply)) => {
+                    let next = lane.st.borrow_mut().sinks.pop_front();
+                    match next {
+                        Some((sink, _)) => lane.deliver(sink, reply),
+                        None => return "Redis sent a reply nobody asked for".to_string(),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+}
+
+async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
+    loop {
+        let chunks = lane.st.borrow_mut().take_out();
+        if chunks.is_empty() {
+            lane.wake_writer.wait().await;
+            continue;
+        }
+        for chunk in chunks {
+            let (res, _) = wr.write_all(chunk).await;
+            if let Err(e) = res {
+                return format!("write: {e}");
+            }
+        }
+    }
+}
+
+/// Fail the connection when its oldest request has waited longer than the request timeout:
+/// replies are matched in order, so one stalled reply stalls them all.
+async fn timeout_watch(lane: Rc<Lane>, limit: Duration) {
+    let tick = (limit / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    loop {
+        monoio::time::sleep(tick).await;
+        let mut st = lane.st.borrow_mut();
+        if st.stopping {
+            return;
+        }
+        let stalled = st.connected && st.broken.is_none() && st.sinks.front().is_some_and(|(_, t)| t.elapsed() > limit);
+        if stalled {
+            st.broken = Some(format!("Redis did not answer within {} ms", limit.as_millis()));
+            drop(st);
+            lane.wake_conn.notify();
+        }
+    }
+}

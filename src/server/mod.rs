@@ -1,0 +1,318 @@
+//! The runtime shell: monoio runtimes, one per core, each accepting on the client port with
+//! SO_REUSEPORT and owning its clients, its shared upstream connections ("lanes") and the
+//! clients' dedicated upstream connections. Everything protocol-shaped is decided in `resp`,
+//! `command` and `session`; this module only moves bytes and keeps time.
+//!
+//! Cores talk through `CoreMsg` channels (a write whose sequencer is another core hops there
+//! and its reply hops back). No locks on the data path.
+
+mod client;
+mod lane;
+mod signal;
+
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use std::{cell::RefCell, collections::HashMap};
+
+use bytes::Bytes;
+use monoio::net::{ListenerOpts, TcpListener};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, IoDriver};
+use crate::session::SessionEnv;
+
+pub use signal::Signal;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The runtime for the requested io driver could not be built.
+    #[error("cannot start the {driver} runtime: {source}")]
+    Runtime { driver: &'static str, source: std::io::Error },
+    /// The client port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    /// A runtime thread could not be spawned.
+    #[error("cannot spawn runtime thread: {0}")]
+    Thread(std::io::Error),
+    /// A runtime thread died.
+    #[error("runtime thread {0} failed")]
+    ThreadFailed(usize),
+}
+
+/// A message between cores.
+pub(crate) enum CoreMsg {
+    /// A write for a slot this core sequences.
+    Request { from: usize, client: u64, seq: u64, db: u32, proto: u8, frame: Bytes },
+    /// The reply to a request forwarded by this core.
+    Reply { client: u64, seq: u64, reply: Bytes },
+    /// Stop accepting, finish in-flight commands.
+    Shutdown,
+}
+
+/// State shared by all cores (read-mostly, atomics only).
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub clients: AtomicUsize,
+    pub next_client_id: AtomicU64,
+    pub inboxes: Vec<async_channel::Sender<CoreMsg>>,
+    pub shutting_down: AtomicBool,
+    pub driver_name: std::sync::OnceLock<&'static str>,
+}
+
+/// One core's state, owned by its runtime thread.
+pub(crate) struct Core {
+    pub idx: usize,
+    pub shared: Arc<Shared>,
+    pub env: RefCell<SessionEnv>,
+    /// Shared upstream connections: index 0 speaks RESP2, index 1 RESP3.
+    pub lanes: [Rc<lane::Lane>; 2],
+    pub clients: RefCell<HashMap<u64, Weak<client::Client>>>,
+    pub shutdown: Signal,
+}
+
+impl Core {
+    pub fn lane(&self, proto: u8) -> &Rc<lane::Lane> {
+        &self.lanes[if proto >= 3 { 1 } else { 0 }]
+    }
+}
+
+/// Handle to stop a running server from another thread (tests, signal handler).
+#[derive(Clone)]
+pub struct StopHandle {
+    shared: Arc<Shared>,
+}
+
+impl StopHandle {
+    /// Begin a graceful stop: stop accepting, finish in-flight commands.
+    pub fn stop(&self) {
+        if !self.shared.shutting_down.swap(true, Ordering::SeqCst) {
+            for tx in &self.shared.inboxes {
+                let _ = tx.try_send(CoreMsg::Shutdown);
+            }
+        }
+    }
+}
+
+/// A started proxy: its threads and a stop handle.
+pub struct Server {
+    threads: Vec<std::thread::JoinHandle<Result<(), StartError>>>,
+    stop: StopHandle,
+}
+
+impl Server {
+    /// Start one runtime thread per configured core. Returns once every thread listens.
+    pub fn start(cfg: Config) -> Result<Server, StartError> {
+        let n = cfg.thread_count();
+        let mut txs = Vec::with_capacity(n);
+        let mut rxs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = async_channel::unbounded();
+            txs.push(tx);
+            rxs.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            cfg,
+            clients: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+            inboxes: txs,
+            shutting_down: AtomicBool::new(false),
+            driver_name: std::sync::OnceLock::new(),
+        });
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartError>>(n);
+        let mut threads = Vec::with_capacity(n);
+        for (idx, rx) in rxs.into_iter().enumerate() {
+            let shared = shared.clone();
+            let ready = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("resplica-{idx}"))
+                .spawn(move || run_thread(idx, shared, rx, ready))
+                .map_err(StartError::Thread)?;
+            threads.push(t);
+        }
+        let stop = StopHandle { shared: shared.clone() };
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    stop.stop();
+                    return Err(e);
+                }
+                Err(_) => {
+                    stop.stop();
+                    return Err(StartError::ThreadFailed(0));
+                }
+            }
+        }
+        info!(
+            listen = %shared.cfg.node.listen,
+            redis = %shared.cfg.redis.address,
+            threads = n,
+            io_driver = shared.driver_name.get().copied().unwrap_or("?"),
+            slot_sequencing = shared.cfg.slot_sequencing(),
+            "resplica ready"
+        );
+        Ok(Server { threads, stop })
+    }
+
+    /// A handle that stops the server.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Wait for every runtime thread to finish.
+    pub fn join(self) -> Result<(), StartError> {
+        let mut result = Ok(());
+        for (i, t) in self.threads.into_iter().enumerate() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(StartError::ThreadFailed(i)),
+            }
+        }
+        result
+    }
+}
+
+type Rt = monoio::FusionRuntime<monoio::time::TimeDriver<monoio::IoUringDriver>, monoio::time::TimeDriver<monoio::LegacyDriver>>;
+
+fn build_runtime(driver: IoDriver) -> Result<(Rt, &'static str), StartError> {
+    let uring = || {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|rt| -> Rt { rt.into() })
+            .map_err(|source| StartError::Runtime { driver: "io_uring", source })
+    };
+    let epoll = || {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|rt| -> Rt { rt.into() })
+            .map_err(|source| StartError::Runtime { driver: "epoll", source })
+    };
+    match driver {
+        IoDriver::IoUring => uring().map(|rt| (rt, "io_uring")),
+        IoDriver::Epoll => epoll().map(|rt| (rt, "epoll")),
+        IoDriver::Auto => match uring() {
+            Ok(rt) => Ok((rt, "io_uring")),
+            Err(e) => {
+                warn!("io_uring unavailable ({e}); falling back to epoll");
+                epoll().map(|rt| (rt, "epoll"))
+            }
+        },
+    }
+}
+
+fn run_thread(
+    idx: usize,
+    shared: Arc<Shared>,
+    inbox: async_channel::Receiver<CoreMsg>,
+    ready: crossbeam_channel::Sender<Result<(), StartError>>,
+) -> Result<(), StartError> {
+    let (mut rt, driver) = match build_runtime(shared.cfg.node.io_driver) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = ready.send(Err(e));
+            return Err(StartError::Runtime { driver: "?", source: std::io::Error::other(msg) });
+        }
+    };
+    let _ = shared.driver_name.set(driver);
+    if idx == 0 {
+        info!(io_driver = driver, "runtime io driver in use");
+    }
+    rt.block_on(core_main(idx, shared, inbox, ready))
+}
+
+async fn core_main(
+    idx: usize,
+    shared: Arc<Shared>,
+    inbox: async_channel::Receiver<CoreMsg>,
+    ready: crossbeam_channel::Sender<Result<(), StartError>>,
+) -> Result<(), StartError> {
+    let addr = shared.cfg.node.listen;
+    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(1024);
+    let listener = match TcpListener::bind_with_config(addr, &opts) {
+        Ok(l) => l,
+        Err(source) => {
+            let msg = source.to_string();
+            let _ = ready.send(Err(StartError::Listen { addr, source }));
+            return Err(StartError::Listen { addr, source: std::io::Error::other(msg) });
+        }
+    };
+    let cfg = &shared.cfg;
+    let env = SessionEnv {
+        password: cfg.client.password.clone(),
+        refused: cfg.client.refuse_commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
+        threads: cfg.thread_count(),
+        slot_sequencing: cfg.slot_sequencing(),
+        redis_version: "7.0.0".into(),
+        databases: 16,
+    };
+    let core = Rc::new_cyclic(|weak: &Weak<Core>| Core {
+        idx,
+        shared: shared.clone(),
+        env: RefCell::new(env),
+        lanes: [lane::Lane::new(weak.clone(), 2), lane::Lane::new(weak.clone(), 3)],
+        clients: RefCell::new(HashMap::new()),
+        shutdown: Signal::default(),
+    });
+    for l in &core.lanes {
+        monoio::spawn(lane::run(l.clone()));
+    }
+    monoio::spawn(inbox_loop(core.clone(), inbox));
+    let _ = ready.send(Ok(()));
+
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => client::accept(&core, stream, peer),
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    error!("accept failed: {e}");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = core.shutdown.wait() => break,
+        }
+    }
+    drop(listener);
+    // Graceful stop: every client finishes what is in flight, then closes.
+    let clients: Vec<_> = core.clients.borrow().values().filter_map(Weak::upgrade).collect();
+    for c in &clients {
+        c.begin_close();
+    }
+    drop(clients);
+    let deadline = std::time::Instant::now() + Duration::from_millis(cfg.redis.request_timeout_ms + 1000);
+    while !core.clients.borrow().is_empty() && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for l in &core.lanes {
+        l.stop();
+    }
+    Ok(())
+}
+
+async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<CoreMsg>) {
+    while let Ok(msg) = inbox.recv().await {
+        match msg {
+            CoreMsg::Request { from, client, seq, db, proto, frame } => {
+                let sink = lane::Sink::Remote { core: from, client, seq };
+                if let Err(reply) = core.lane(proto).enqueue(db, frame, sink) {
+                    let _ = core.shared.inboxes[from].try_send(CoreMsg::Reply { client, seq, reply });
+                }
+            }
+            CoreMsg::Reply { client, seq, reply } => {
+                let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
+                if let Some(c) = c {
+                    c.fill(seq, reply);
+                }
+            }
+            CoreMsg::Shutdown => core.shutdown.notify(),
+        }
+    }
+}

@@ -1,0 +1,817 @@
+//! One client connection's state and the decision, for each request, of what happens to it:
+//! answered by the proxy itself (PING, AUTH, SELECT, HELLO, CLIENT SETNAME, ...), refused,
+//! forwarded on a shared pipelined upstream connection ("lane"), or forwarded on the client's
+//! own dedicated upstream connection (transactions, blocking commands, pub/sub, MONITOR).
+//!
+//! It also keeps the client's ordering promise (DESIGN.md invariant 2) across lanes: writes go
+//! to their slot's sequencer lane when slot sequencing is on, reads to the receiving core's
+//! lane, and a command that could overtake one of the client's own in-flight commands on
+//! another connection is held back (`Action::Wait`) until that one is answered.
+//!
+//! No I/O and no clock: the runtime shell feeds requests in and reports completions.
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::command::{self, CommandDef, F_BLOCKING, F_MAY_REPLICATE, F_WRITE};
+use crate::resp::{self, parse_int, Request};
+use crate::slot::key_slot;
+
+/// Which upstream connection a command travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// The shared pipelined connection owned by this core index (in the client's protocol).
+    Shared(usize),
+    /// The client's own connection.
+    Dedicated,
+}
+
+/// How a forwarded command uses the dedicated connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DedicatedUse {
+    /// Not on the dedicated connection.
+    No,
+    /// One reply per request, matched in order (transactions, blocking commands).
+    Counted { blocking: bool },
+    /// Replies and pushes go straight to the client (pub/sub, MONITOR, client tracking):
+    /// the connection stays this client's until it disconnects or sends RESET.
+    Raw,
+}
+
+/// What a forwarded command may conflict with, for the ordering rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Touches the keys of one slot only.
+    Slot(u16),
+    /// No keys, keys in several slots, or unknown: conflicts with everything.
+    All,
+}
+
+/// Bookkeeping the shell hands back in `completed` when the reply arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    pub lane: Lane,
+    pub scope: Scope,
+}
+
+/// A command to send upstream.
+#[derive(Debug)]
+pub struct Forward {
+    pub lane: Lane,
+    pub tag: Tag,
+    pub frame: Bytes,
+    pub db: u32,
+    pub dedicated: DedicatedUse,
+    /// The client asked not to get this reply (CLIENT REPLY OFF/SKIP).
+    pub discard: bool,
+    pub is_write: bool,
+}
+
+/// The decision for one request.
+#[derive(Debug)]
+pub enum Action {
+    /// Answer with these bytes (in order after earlier replies).
+    Reply(Bytes),
+    /// Nothing to send (empty request, or CLIENT REPLY OFF).
+    Nothing,
+    /// Answer, then close the connection (QUIT).
+    Close(Bytes),
+    /// Answer; the dedicated connection, if any, must be dropped (RESET).
+    Reset(Bytes),
+    /// Send upstream.
+    Forward(Forward),
+    /// Cannot go yet without overtaking an in-flight command: offer it again after the next
+    /// completion.
+    Wait,
+}
+
+/// Facts about the environment a session needs, shared by all sessions of a process.
+#[derive(Debug, Clone)]
+pub struct SessionEnv {
+    /// `[client] password`; empty = no AUTH needed.
+    pub password: String,
+    /// Lower-case names of refused commands.
+    pub refused: Vec<String>,
+    /// Runtime threads (sequencer cores).
+    pub threads: usize,
+    /// Whether writes go to their slot's sequencer core.
+    pub slot_sequencing: bool,
+    /// Redis version reported by HELLO.
+    pub redis_version: String,
+    /// Number of databases of the upstream Redis.
+    pub databases: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyMode {
+    On,
+    Off,
+    /// Skip the next command's reply.
+    Skip,
+}
+
+/// Per-client state.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub core: usize,
+    pub db: u32,
+    pub proto: u8,
+    pub name: Option<Bytes>,
+    pub authed: bool,
+    pub peer: String,
+    pub local: String,
+    reply_mode: ReplyMode,
+    in_multi: bool,
+    watching: bool,
+    raw: bool,
+    inflight: Inflight,
+}
+
+/// Commands sent and not yet answered, by lane and by slot.
+#[derive(Debug, Default)]
+struct Inflight {
+    /// (lane, count) for every lane with commands in flight.
+    lanes: Vec<(Lane, u32)>,
+    /// Slot → (lane, count), kept only under slot sequencing.
+    slots: HashMap<u16, (Lane, u32)>,
+    /// Commands of scope `All` in flight: (lane, count).
+    all: Option<(Lane, u32)>,
+}
+
+impl Inflight {
+    fn only_lane(&self) -> Option<Lane> {
+        match self.lanes.as_slice() {
+            [(l, _)] => Some(*l),
+            _ => None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+
+    /// True when nothing is in flight on a lane other than `lane`.
+    fn only_on(&self, lane: Lane) -> bool {
+        self.lanes.iter().all(|(l, _)| *l == lane)
+    }
+
+    fn add(&mut self, tag: Tag, track_slots: bool) {
+        match self.lanes.iter_mut().find(|(l, _)| *l == tag.lane) {
+            Some((_, n)) => *n += 1,
+            None => self.lanes.push((tag.lane, 1)),
+        }
+        match tag.scope {
+            Scope::All => match &mut self.all {
+                Some((_, n)) => *n += 1,
+                None => self.all = Some((tag.lane, 1)),
+            },
+            Scope::Slot(s) if track_slots => self.slots.entry(s).or_insert((tag.lane, 0)).1 += 1,
+            Scope::Slot(_) => {}
+        }
+    }
+
+    fn remove(&mut self, tag: Tag, track_slots: bool) {
+        if let Some(i) = self.lanes.iter().position(|(l, _)| *l == tag.lane) {
+            self.lanes[i].1 -= 1;
+            if self.lanes[i].1 == 0 {
+                self.lanes.swap_remove(i);
+            }
+        }
+        match tag.scope {
+            Scope::All => {
+                if let Some((_, n)) = &mut self.all {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.all = None;
+                    }
+                }
+            }
+            Scope::Slot(s) if track_slots => {
+                if let Some(e) = self.slots.get_mut(&s) {
+                    e.1 -= 1;
+                    if e.1 == 0 {
+                        self.slots.remove(&s);
+                    }
+                }
+            }
+            Scope::Slot(_) => {}
+        }
+    }
+}
+
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+
+fn wrong_args(name: &str) -> Bytes {
+    resp::error(&format!("ERR wrong number of arguments for '{name}' command"))
+}
+
+impl Session {
+    /// A new client, authenticated already when no password is configured.
+    pub fn new(id: u64, core: usize, env: &SessionEnv, peer: String, local: String) -> Session {
+        Session {
+            id,
+            core,
+            db: 0,
+            proto: 2,
+            name: None,
+            authed: env.password.is_empty(),
+            peer,
+            local,
+            reply_mode: ReplyMode::On,
+            in_multi: false,
+            watching: false,
+            raw: false,
+            inflight: Inflight::default(),
+        }
+    }
+
+    /// Whether the client is bound to its dedicated connection (MULTI, WATCH, pub/sub, ...).
+    pub fn in_dedicated_state(&self) -> bool {
+        self.in_multi || self.watching || self.raw
+    }
+
+    /// Whether the client is in pub/sub or MONITOR mode (output not driven by requests).
+    pub fn is_raw(&self) -> bool {
+        self.raw
+    }
+
+    /// Nothing in flight anywhere.
+    pub fn idle(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// A reply for a command with this tag arrived (or the command failed).
+    pub fn completed(&mut self, tag: Tag, env: &SessionEnv) {
+        self.inflight.remove(tag, env.slot_sequencing);
+    }
+
+    /// The dedicated connection is gone (Redis closed it): leave the states that needed it.
+    pub fn dedicated_lost(&mut self) {
+        self.in_multi = false;
+        self.watching = false;
+        self.raw = false;
+    }
+
+    /// Decide what to do with one request. Changes state only when the answer is not `Wait`.
+    pub fn on_request(&mut self, req: &Request, env: &SessionEnv) -> Action {
+        if req.is_empty() {
+            return Action::Nothing;
+        }
+        let name_raw = req.arg(0);
+        let mut lname = [0u8; 24];
+        let name: &[u8] = if name_raw.len() <= lname.len() {
+            for (d, s) in lname.iter_mut().zip(name_raw) {
+                *d = s.to_ascii_lowercase();
+            }
+            &lname[..name_raw.len()]
+        } else {
+            name_raw
+        };
+        let def = command::lookup(req);
+
+        if !self.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
+            return self.local_reply(resp::error("NOAUTH Authentication required."));
+        }
+        if !env.refused.is_empty() && env.refused.iter().any(|r| r.as_bytes() == name) {
+            let shown = String::from_utf8_lossy(name_raw);
+            return self.local_reply(resp::error(&format!(
+                "ERR command '{shown}' is not allowed through resplica (see [client] refuse_commands)"
+            )));
+        }
+        match name {
+            b"quit" => return Action::Close(resp::simple("OK")),
+            b"reset" => {
+                self.reset(env);
+                return Action::Reset(resp::simple("RESET"));
+            }
+            _ => {}
+        }
+
+        if self.raw {
+            // Pub/sub or MONITOR: the dedicated connection carries everything from now on.
+            if name == b"select" {
+                if let Some(db) = req.len().eq(&2).then(|| parse_int(req.arg(1))).flatten() {
+                    self.db = db.max(0) as u32;
+                }
+            }
+            return self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Raw, def);
+        }
+        if self.in_multi || self.watching {
+            return self.in_transaction(name, req, def);
+        }
+
+        if let Some(action) = self.local_command(name, req, env) {
+            return action;
+        }
+
+        // Commands that need connection state upstream.
+        let flags = def.map(|d| d.flags).unwrap_or(0);
+        let pubsub_mode = matches!(
+            name,
+            b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" | b"monitor"
+        ) || (name == b"client"
+            && req.len() > 1
+            && (req.arg(1).eq_ignore_ascii_case(b"tracking") || req.arg(1).eq_ignore_ascii_case(b"caching")));
+        if pubsub_mode {
+            if !self.inflight.only_on(Lane::Dedicated) {
+                return Action::Wait;
+            }
+            self.raw = true;
+            return self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Raw, def);
+        }
+        let blocking = is_blocking(name, req, flags);
+        if blocking || name == b"multi" || name == b"watch" {
+            if !self.inflight.only_on(Lane::Dedicated) {
+                return Action::Wait;
+            }
+            match name {
+                b"multi" => self.in_multi = true,
+                b"watch" => self.watching = true,
+                _ => {}
+            }
+            return self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Counted { blocking }, def);
+        }
+
+        self.route(req, def, env)
+    }
+
+    /// Route an ordinary command to a shared lane, holding it back if it could overtake one
+    /// of this client's in-flight commands.
+    fn route(&mut self, req: &Request, def: Option<&'static CommandDef>, env: &SessionEnv) -> Action {
+        let write = def.map_or(true, |d| d.flags & (F_WRITE | F_MAY_REPLICATE) != 0);
+        let local = Lane::Shared(self.core);
+        if !env.slot_sequencing || env.threads <= 1 {
+            // One lane per client: only the dedicated connection can be overtaken.
+            if !self.inflight.only_on(local) {
+                return Action::Wait;
+            }
+            return self.forward(req, local, Scope::All, DedicatedUse::No, def);
+        }
+        let scope = match def {
+            Some(d) => single_slot(d, req),
+            None => Scope::All,
+        };
+        let lane = match (scope, write) {
+            (Scope::Slot(s), true) => {
+                let lane = Lane::Shared(s as usize % env.threads);
+                let slot_ok = self.inflight.slots.get(&s).is_none_or(|(l, _)| *l == lane);
+                let all_ok = self.inflight.all.is_none_or(|(l, _)| l == lane);
+                let ded_ok = !self.inflight.lanes.iter().any(|(l, _)| *l == Lane::Dedicated);
+                if !(slot_ok && all_ok && ded_ok) {
+                    return Action::Wait;
+                }
+                lane
+            }
+            (Scope::Slot(s), false) => {
+                if let Some((l, _)) = self.inflight.slots.get(&s) {
+                    *l
+                } else if let Some((l, _)) = self.inflight.all {
+                    l
+                } else if let Some(l) = self.inflight.only_lane() {
+                    // Staying on the one busy lane keeps the pipeline flowing.
+                    l
+                } else if self.inflight.is_empty() {
+                    local
+                } else {
+                    local
+                }
+            }
+            (Scope::All, _) => {
+                let lane = match (write, first_key_slot(def, req)) {
+                    (true, Some(s)) => Lane::Shared(s as usize % env.threads),
+                    _ => self.inflight.only_lane().unwrap_or(local),
+                };
+                if !self.inflight.only_on(lane) {
+                    return Action::Wait;
+                }
+                lane
+            }
+        };
+        if lane == Lane::Dedicated {
+            return Action::Wait;
+        }
+        self.forward(req, lane, scope, DedicatedUse::No, def)
+    }
+
+    fn forward(
+        &mut self,
+        req: &Request,
+        lane: Lane,
+        scope: Scope,
+        dedicated: DedicatedUse,
+        def: Option<&'static CommandDef>,
+    ) -> Action {
+        let tag = Tag { lane, scope };
+        let discard = self.take_discard();
+        if dedicated != DedicatedUse::Raw {
+            self.inflight.add(tag, true);
+        }
+        Action::Forward(Forward {
+            lane,
+            tag,
+            frame: req.frame.clone(),
+            db: self.db,
+            dedicated,
+            discard,
+            is_write: command::is_write(def),
+        })
+    }
+
+    /// Inside MULTI or while WATCHing: everything goes to the dedicated connection, in order.
+    fn in_transaction(&mut self, name: &[u8], req: &Request, def: Option<&'static CommandDef>) -> Action {
+        match name {
+            b"multi" => self.in_multi = true,
+            b"exec" | b"discard" => {
+                self.in_multi = false;
+                self.watching = false;
+            }
+            b"unwatch" if !self.in_multi => self.watching = false,
+            b"watch" => self.watching = true,
+            b"select" if req.len() == 2 => {
+                if let Some(db) = parse_int(req.arg(1)) {
+                    self.db = db.max(0) as u32;
+                }
+            }
+            _ => {}
+        }
+        let blocking = is_blocking(name, req, def.map(|d| d.flags).unwrap_or(0)) && !self.in_multi;
+        self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Counted { blocking }, def)
+    }
+
+    fn take_discard(&mut self) -> bool {
+        match self.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::Skip => {
+                self.reply_mode = ReplyMode::On;
+                true
+            }
+        }
+    }
+
+    fn local_reply(&mut self, reply: Bytes) -> Action {
+        if self.take_discard() {
+            Action::Nothing
+        } else {
+            Action::Reply(reply)
+        }
+    }
+
+    fn reset(&mut self, env: &SessionEnv) {
+        self.db = 0;
+        self.proto = 2;
+        self.name = None;
+        self.authed = env.password.is_empty();
+        self.reply_mode = ReplyMode::On;
+        self.dedicated_lost();
+    }
+
+    /// Commands the proxy answers itself; `None` for everything else.
+    fn local_command(&mut self, name: &[u8], req: &Request, env: &SessionEnv) -> Option<Action> {
+        let reply = match name {
+            b"ping" => match req.len() {
+                1 => resp::simple("PONG"),
+                2 => resp::bulk(req.arg(1)),
+                _ => wrong_args("ping"),
+            },
+            b"echo" => match req.len() {
+                2 => resp::bulk(req.arg(1)),
+                _ => wrong_args("echo"),
+            },
+            b"select" => {
+                if req.len() != 2 {
+                    wrong_args("select")
+                } else {
+                    match parse_int(req.arg(1)) {
+                        None => resp::error("ERR value is not an integer or out of range"),
+                        Some(db) if db < 0 || db >= env.databases as i64 => resp::error("ERR DB index is out of range"),
+                        Some(db) => {
+                            self.db = db as u32;
+                            resp::simple("OK")
+                        }
+                    }
+                }
+            }
+            b"auth" => self.auth(req, env),
+            b"hello" => {
+                let wants_proto_change = req.len() > 1 && parse_int(req.arg(1)).is_some_and(|p| p != self.proto as i64);
+                if wants_proto_change && !self.inflight.is_empty() {
+                    return Some(Action::Wait);
+                }
+                let reply = self.hello(req, env);
+                return Some(Action::Reply(reply));
+            }
+            b"client" if req.len() >= 2 => {
+                let sub = req.arg(1).to_ascii_lowercase();
+                match sub.as_slice() {
+                    b"setname" => {
+                        if req.len() != 3 {
+                            wrong_args("client|setname")
+                        } else {
+                            match valid_name(req.arg(2)) {
+                                Ok(()) => {
+                                    self.name = if req.arg(2).is_empty() { None } else { Some(req.arg_bytes(2)) };
+                                    resp::simple("OK")
+                                }
+                                Err(e) => e,
+                            }
+                        }
+                    }
+                    b"getname" => match &self.name {
+                        Some(n) => resp::bulk(n),
+                        None => resp::null(self.proto),
+                    },
+                    b"id" => resp::int(self.id as i64),
+                    b"info" => resp::bulk(self.client_info_line().as_bytes()),
+                    b"list" if req.len() == 2 => resp::bulk(self.client_info_line().as_bytes()),
+                    b"reply" if req.len() == 3 => {
+                        let mode = req.arg(2).to_ascii_lowercase();
+                        match mode.as_slice() {
+                            b"on" => {
+                                self.reply_mode = ReplyMode::On;
+                                resp::simple("OK")
+                            }
+                            b"off" => {
+                                self.reply_mode = ReplyMode::Off;
+                                return Some(Action::Nothing);
+                            }
+                            b"skip" => {
+                                if self.reply_mode == ReplyMode::On {
+                                    self.reply_mode = ReplyMode::Skip;
+                                    // The SKIP itself is not answered either: mark it consumed.
+                                    return Some(Action::Nothing);
+                                }
+                                return Some(Action::Nothing);
+                            }
+                            _ => resp::error("ERR syntax error"),
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        };
+        Some(self.local_reply(reply))
+    }
+
+    fn auth(&mut self, req: &Request, env: &SessionEnv) -> Bytes {
+        let (user, pass): (&[u8], &[u8]) = match req.len() {
+            2 => (b"default", req.arg(1)),
+            3 => (req.arg(1), req.arg(2)),
+            _ => return resp::error("ERR syntax error"),
+        };
+        if env.password.is_empty() {
+            if req.len() == 2 {
+                return resp::error(
+                    "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+                );
+            }
+            if user == b"default" {
+                self.authed = true;
+                return resp::simple("OK");
+            }
+            return resp::error(WRONGPASS);
+        }
+        if user == b"default" && pass == env.password.as_bytes() {
+            self.authed = true;
+            resp::simple("OK")
+        } else {
+            resp::error(WRONGPASS)
+        }
+    }
+
+    fn hello(&mut self, req: &Request, env: &SessionEnv) -> Bytes {
+        let mut proto = self.proto;
+        let mut i = 1;
+        if req.len() > 1 {
+            match parse_int(req.arg(1)) {
+                Some(p) if p == 2 || p == 3 => proto = p as u8,
+                Some(_) => return resp::error("NOPROTO unsupported protocol version"),
+                None => return resp::error("ERR Protocol version is not an integer or out of range"),
+            }
+            i = 2;
+        }
+        let mut authed_now = false;
+        let mut new_name = None;
+        while i < req.len() {
+            let opt = req.arg(i).to_ascii_lowercase();
+            let more = req.len() - i - 1;
+            if opt == b"auth" && more >= 2 {
+                let user = req.arg(i + 1);
+                let pass = req.arg(i + 2);
+                let ok = if env.password.is_empty() {
+                    user == b"default"
+                } else {
+                    user == b"default" && pass == env.password.as_bytes()
+                };
+                if !ok {
+                    return resp::error(WRONGPASS);
+                }
+                authed_now = true;
+                i += 3;
+            } else if opt == b"setname" && more >= 1 {
+                if let Err(e) = valid_name(req.arg(i + 1)) {
+                    return e;
+                }
+                new_name = Some(req.arg_bytes(i + 1));
+                i += 2;
+            } else {
+                return resp::error(&format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(req.arg(i))));
+            }
+        }
+        if !self.authed && !authed_now {
+            return resp::error(
+                "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+            );
+        }
+        if authed_now {
+            self.authed = true;
+        }
+        if let Some(n) = new_name {
+            self.name = if n.is_empty() { None } else { Some(n) };
+        }
+        self.proto = proto;
+        let mut out = BytesMut::with_capacity(128);
+        if proto >= 3 {
+            out.put_slice(b"%7\r\n");
+        } else {
+            resp::push_array_header(&mut out, 14);
+        }
+        resp::push_bulk(&mut out, b"server");
+        resp::push_bulk(&mut out, b"redis");
+        resp::push_bulk(&mut out, b"version");
+        resp::push_bulk(&mut out, env.redis_version.as_bytes());
+        resp::push_bulk(&mut out, b"proto");
+        resp::push_int(&mut out, proto as i64);
+        resp::push_bulk(&mut out, b"id");
+        resp::push_int(&mut out, self.id as i64);
+        resp::push_bulk(&mut out, b"mode");
+        resp::push_bulk(&mut out, b"standalone");
+        resp::push_bulk(&mut out, b"role");
+        resp::push_bulk(&mut out, b"master");
+        resp::push_bulk(&mut out, b"modules");
+        resp::push_array_header(&mut out, 0);
+        out.freeze()
+    }
+
+    fn client_info_line(&self) -> String {
+        let name = self.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
+        let flags = if self.in_multi {
+            "x"
+        } else if self.raw {
+            "P"
+        } else {
+            "N"
+        };
+        format!(
+            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user=default redir=-1 resp={}\n",
+            self.id,
+            self.peer,
+            self.local,
+            name,
+            flags,
+            self.db,
+            if self.in_multi { 0 } else { -1 },
+            self.proto
+        )
+    }
+}
+
+fn valid_name(name: &[u8]) -> Result<(), Bytes> {
+    if name.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
+        return Err(resp::error("ERR Client names cannot contain spaces, newlines or special characters."));
+    }
+    Ok(())
+}
+
+/// Blocking commands need a dedicated connection: a shared one would stall every other
+/// client's commands behind them. XREAD/XREADGROUP block only with BLOCK; WAIT/WAITAOF
+/// wait for replicas.
+fn is_blocking(name: &[u8], req: &Request, flags: u64) -> bool {
+    if matches!(name, b"xread" | b"xreadgroup") {
+        return req.args().skip(1).any(|a| a.eq_ignore_ascii_case(b"block"));
+    }
+    flags & F_BLOCKING != 0 || matches!(name, b"wait" | b"waitaof")
+}
+
+/// `Slot(s)` when every key of the command lies in slot `s`; `All` otherwise (no keys,
+/// several slots).
+fn single_slot(def: &CommandDef, req: &Request) -> Scope {
+    let keys = command::key_indices(def, req);
+    let mut it = keys.iter();
+    let Some(&first) = it.next() else { return Scope::All };
+    let slot = key_slot(req.arg(first));
+    if it.all(|&k| key_slot(req.arg(k)) == slot) {
+        Scope::Slot(slot)
+    } else {
+        Scope::All
+    }
+}
+
+fn first_key_slot(def: Option<&CommandDef>, req: &Request) -> Option<u16> {
+    let def = def?;
+    let keys = command::key_indices(def, req);
+    keys.first().map(|&k| key_slot(req.arg(k)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(threads: usize, slot: bool) -> SessionEnv {
+        SessionEnv {
+            password: String::new(),
+            refused: vec!["shutdown".into()],
+            threads,
+            slot_sequencing: slot,
+            redis_version: "7.0.15".into(),
+            databases: 16,
+        }
+    }
+
+    fn req(args: &[&str]) -> Request {
+        Request::from_args(args)
+    }
+
+    fn fwd(a: Action) -> Forward {
+        match a {
+            Action::Forward(f) => f,
+            other => panic!("expected Forward, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_after_own_write_follows_it_to_the_sequencer_lane() {
+        let env = env(2, true);
+        let mut s = Session::new(1, 0, &env, "c".into(), "l".into());
+        // Find a key whose slot belongs to core 1.
+        let key = (0..).map(|i| format!("k{i}")).find(|k| key_slot(k.as_bytes()) % 2 == 1).unwrap();
+        let w = fwd(s.on_request(&req(&["SET", &key, "v"]), &env));
+        assert_eq!(w.lane, Lane::Shared(1));
+        let r = fwd(s.on_request(&req(&["GET", &key]), &env));
+        assert_eq!(r.lane, Lane::Shared(1), "the read must queue behind the write");
+        // A keyless read cannot run elsewhere while the write is pending... it joins lane 1.
+        let k = fwd(s.on_request(&req(&["DBSIZE"]), &env));
+        assert_eq!(k.lane, Lane::Shared(1));
+        s.completed(w.tag, &env);
+        s.completed(r.tag, &env);
+        s.completed(k.tag, &env);
+        let r2 = fwd(s.on_request(&req(&["GET", &key]), &env));
+        assert_eq!(r2.lane, Lane::Shared(0), "idle client reads on its own core");
+    }
+
+    #[test]
+    fn write_waits_for_a_read_of_the_same_slot_on_another_lane() {
+        let env = env(2, true);
+        let mut s = Session::new(1, 0, &env, "c".into(), "l".into());
+        let key = (0..).map(|i| format!("k{i}")).find(|k| key_slot(k.as_bytes()) % 2 == 1).unwrap();
+        let r = fwd(s.on_request(&req(&["GET", &key]), &env));
+        assert_eq!(r.lane, Lane::Shared(0));
+        assert!(matches!(s.on_request(&req(&["SET", &key, "v"]), &env), Action::Wait));
+        s.completed(r.tag, &env);
+        assert_eq!(fwd(s.on_request(&req(&["SET", &key, "v"]), &env)).lane, Lane::Shared(1));
+    }
+
+    #[test]
+    fn transactions_and_pubsub_use_the_dedicated_connection() {
+        let env = env(1, false);
+        let mut s = Session::new(1, 0, &env, "c".into(), "l".into());
+        let g = fwd(s.on_request(&req(&["GET", "a"]), &env));
+        assert!(matches!(s.on_request(&req(&["MULTI"]), &env), Action::Wait));
+        s.completed(g.tag, &env);
+        let m = fwd(s.on_request(&req(&["MULTI"]), &env));
+        assert_eq!(m.lane, Lane::Dedicated);
+        assert_eq!(fwd(s.on_request(&req(&["PING"]), &env)).lane, Lane::Dedicated, "PING is queued inside MULTI");
+        assert_eq!(fwd(s.on_request(&req(&["EXEC"]), &env)).lane, Lane::Dedicated);
+        assert!(!s.in_dedicated_state());
+        assert!(matches!(s.on_request(&req(&["PING"]), &env), Action::Reply(_)));
+        let sub = fwd(s.on_request(&req(&["SUBSCRIBE", "ch"]), &env));
+        assert_eq!(sub.dedicated, DedicatedUse::Raw);
+        assert!(s.is_raw());
+    }
+
+    #[test]
+    fn auth_select_hello_refusals() {
+        let mut env = env(1, false);
+        env.password = "pw".into();
+        let mut s = Session::new(7, 0, &env, "c".into(), "l".into());
+        match s.on_request(&req(&["GET", "a"]), &env) {
+            Action::Reply(b) => assert_eq!(&b[..], b"-NOAUTH Authentication required.\r\n"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(s.on_request(&req(&["AUTH", "bad"]), &env), Action::Reply(b) if b.starts_with(b"-WRONGPASS")));
+        assert!(matches!(s.on_request(&req(&["AUTH", "pw"]), &env), Action::Reply(b) if &b[..] == b"+OK\r\n"));
+        assert!(matches!(s.on_request(&req(&["SELECT", "16"]), &env), Action::Reply(b) if b.starts_with(b"-ERR DB index")));
+        assert!(matches!(s.on_request(&req(&["SELECT", "3"]), &env), Action::Reply(_)));
+        assert_eq!(fwd(s.on_request(&req(&["GET", "a"]), &env)).db, 3);
+        assert!(matches!(s.on_request(&req(&["shutdown"]), &env), Action::Reply(b) if b.starts_with(b"-ERR command 'shutdown' is not allowed")));
+        let s2 = &mut Session::new(8, 0, &env, "c".into(), "l".into());
+        match s2.on_request(&req(&["HELLO", "3", "AUTH", "default", "pw"]), &env) {
+            Action::Reply(b) => assert!(b.starts_with(b"%7\r\n")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s2.proto, 3);
+    }
+}
