@@ -205,7 +205,8 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 1048576, \"64KiB\", \"256MiB\")"))?;
+        let n: u64 =
+            num.parse().map_err(|_| format!("`{s}` is not a size (examples: 1048576, \"64KiB\", \"256MiB\")"))?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" | "kib" => 1 << 10,
@@ -247,7 +248,10 @@ impl Config {
             return bad("node.id", "must not be empty".into());
         }
         if self.node.threads > 1024 {
-            return bad("node.threads", format!("{} is more threads than makes sense (0 = one per core)", self.node.threads));
+            return bad(
+                "node.threads",
+                format!("{} is more threads than makes sense (0 = one per core)", self.node.threads),
+            );
         }
         if self.redis.request_timeout_ms == 0 {
             return bad("redis.request_timeout_ms", "must be greater than 0".into());

@@ -160,12 +160,8 @@ impl RequestParser {
                             let _ = buf.split_to(next);
                             continue;
                         }
-                        self.pending = Some(Multibulk {
-                            remaining: n as usize,
-                            pos: next,
-                            args: SmallVec::new(),
-                            bulk_len: None,
-                        });
+                        self.pending =
+                            Some(Multibulk { remaining: n as usize, pos: next, args: SmallVec::new(), bulk_len: None });
                     }
                     Some(_) => match parse_inline(buf)? {
                         Inline::Incomplete => return Ok(None),
@@ -254,7 +250,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut i = 0;
     let n = line.len();
     loop {
-        while i < n && line[i].is_ascii_whitespace() {
+        while i < n && is_space(line[i]) {
             i += 1;
         }
         if i >= n {
@@ -282,7 +278,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                         c => c,
                     });
                 } else if line[i] == b'"' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !is_space(line[i + 1]) {
                         return None;
                     }
                     in_dq = false;
@@ -299,7 +295,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                     i += 1;
                     cur.push(b'\'');
                 } else if line[i] == b'\'' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !is_space(line[i + 1]) {
                         return None;
                     }
                     in_sq = false;
@@ -313,7 +309,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                     break;
                 }
                 match line[i] {
-                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
+                    c if is_space(c) => break,
                     b'"' => in_dq = true,
                     b'\'' => in_sq = true,
                     c => cur.push(c),
@@ -324,6 +320,11 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
         let _ = (in_dq, in_sq);
         out.push(cur);
     }
+}
+
+/// `isspace()` in the C locale, as sdssplitargs uses.
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
 
 fn is_hex(c: u8) -> bool {
@@ -453,7 +454,7 @@ impl ReplySkimmer {
                             return Ok(Some(done));
                         }
                     } else {
-                        let count = if ty == b'%' || ty == b'|' { n as u64 * 2 } else { n as u64 };
+                        let count = if ty == b'%' || ty == b'|' { (n as u64).saturating_mul(2) } else { n as u64 };
                         self.stack.push((count, ty == b'|'));
                     }
                 }
@@ -609,11 +610,14 @@ mod tests {
     #[test]
     fn multibulk_and_inline() {
         let got = parse_all(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\nPING\r\n\r\nset k \"a b\\x41\"\r\n").unwrap();
-        assert_eq!(got, vec![vec![b"GET".to_vec(), b"a".to_vec()], vec![b"PING".to_vec()], vec![
-            b"set".to_vec(),
-            b"k".to_vec(),
-            b"a bA".to_vec()
-        ]]);
+        assert_eq!(
+            got,
+            vec![
+                vec![b"GET".to_vec(), b"a".to_vec()],
+                vec![b"PING".to_vec()],
+                vec![b"set".to_vec(), b"k".to_vec(), b"a bA".to_vec()]
+            ]
+        );
     }
 
     #[test]

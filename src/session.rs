@@ -310,7 +310,13 @@ impl Session {
         let flags = def.map(|d| d.flags).unwrap_or(0);
         let pubsub_mode = matches!(
             name,
-            b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" | b"monitor"
+            b"subscribe"
+                | b"psubscribe"
+                | b"ssubscribe"
+                | b"unsubscribe"
+                | b"punsubscribe"
+                | b"sunsubscribe"
+                | b"monitor"
         ) || (name == b"client"
             && req.len() > 1
             && (req.arg(1).eq_ignore_ascii_case(b"tracking") || req.arg(1).eq_ignore_ascii_case(b"caching")));
@@ -618,7 +624,10 @@ impl Session {
                 new_name = Some(req.arg_bytes(i + 1));
                 i += 2;
             } else {
-                return resp::error(&format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(req.arg(i))));
+                return resp::error(&format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(req.arg(i))
+                ));
             }
         }
         if !self.authed && !authed_now {
@@ -803,10 +812,14 @@ mod tests {
         }
         assert!(matches!(s.on_request(&req(&["AUTH", "bad"]), &env), Action::Reply(b) if b.starts_with(b"-WRONGPASS")));
         assert!(matches!(s.on_request(&req(&["AUTH", "pw"]), &env), Action::Reply(b) if &b[..] == b"+OK\r\n"));
-        assert!(matches!(s.on_request(&req(&["SELECT", "16"]), &env), Action::Reply(b) if b.starts_with(b"-ERR DB index")));
+        assert!(
+            matches!(s.on_request(&req(&["SELECT", "16"]), &env), Action::Reply(b) if b.starts_with(b"-ERR DB index"))
+        );
         assert!(matches!(s.on_request(&req(&["SELECT", "3"]), &env), Action::Reply(_)));
         assert_eq!(fwd(s.on_request(&req(&["GET", "a"]), &env)).db, 3);
-        assert!(matches!(s.on_request(&req(&["shutdown"]), &env), Action::Reply(b) if b.starts_with(b"-ERR command 'shutdown' is not allowed")));
+        assert!(
+            matches!(s.on_request(&req(&["shutdown"]), &env), Action::Reply(b) if b.starts_with(b"-ERR command 'shutdown' is not allowed"))
+        );
         let s2 = &mut Session::new(8, 0, &env, "c".into(), "l".into());
         match s2.on_request(&req(&["HELLO", "3", "AUTH", "default", "pw"]), &env) {
             Action::Reply(b) => assert!(b.starts_with(b"%7\r\n")),

@@ -43,10 +43,18 @@ pub enum BeginSearch {
 pub enum FindKeys {
     /// `last_key` relative to the start (negative: from the end), every `step`; `limit` > 0
     /// means "1/limit of the remaining args" when `last_key` is -1.
-    Range { last_key: i32, step: i32, limit: i32 },
+    Range {
+        last_key: i32,
+        step: i32,
+        limit: i32,
+    },
     /// The number of keys is the argument at `keynum_idx` (relative to the start); keys
     /// begin at `first_key` (relative to the start) every `step`.
-    Keynum { keynum_idx: i32, first_key: i32, step: i32 },
+    Keynum {
+        keynum_idx: i32,
+        first_key: i32,
+        step: i32,
+    },
     Unknown,
 }
 

@@ -329,7 +329,8 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                     Err(e) => {
                         let seq = client.push_pending(Some(f.tag), f.discard);
                         client.session.borrow_mut().dedicated_lost();
-                        client.fill(seq, resp::error(&format!("ERR resplica: cannot open a connection to Redis ({e})")));
+                        client
+                            .fill(seq, resp::error(&format!("ERR resplica: cannot open a connection to Redis ({e})")));
                         return;
                     }
                 }
@@ -338,12 +339,16 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let mut frames = BytesMut::new();
             // Bring a reused connection to the client's database and protocol.
             if d.db != f.db {
-                frames.extend_from_slice(&crate::resp::Request::from_args(&[b"SELECT".as_slice(), f.db.to_string().as_bytes()]).frame);
+                frames.extend_from_slice(
+                    &crate::resp::Request::from_args(&[b"SELECT".as_slice(), f.db.to_string().as_bytes()]).frame,
+                );
                 d.fifo.borrow_mut().push_back(None);
                 d.db = f.db;
             }
             if d.proto != proto {
-                frames.extend_from_slice(&crate::resp::Request::from_args(&[b"HELLO".as_slice(), proto.to_string().as_bytes()]).frame);
+                frames.extend_from_slice(
+                    &crate::resp::Request::from_args(&[b"HELLO".as_slice(), proto.to_string().as_bytes()]).frame,
+                );
                 d.fifo.borrow_mut().push_back(None);
                 d.proto = proto;
             }

@@ -155,7 +155,8 @@ impl LaneState {
 /// Returns the stream and the replies of the setup commands' trailing queries.
 pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<TcpStream, String> {
     let cfg = &core.shared.cfg.redis;
-    let connect = monoio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), TcpStream::connect_addr(cfg.address));
+    let connect =
+        monoio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), TcpStream::connect_addr(cfg.address));
     let mut stream = match connect.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connect: {e}")),
@@ -190,7 +191,11 @@ pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<
 }
 
 /// Send commands and read one reply each, with a deadline.
-pub(crate) async fn roundtrip(stream: &mut TcpStream, cmds: &[Vec<Vec<u8>>], timeout_ms: u64) -> Result<Vec<Bytes>, String> {
+pub(crate) async fn roundtrip(
+    stream: &mut TcpStream,
+    cmds: &[Vec<Vec<u8>>],
+    timeout_ms: u64,
+) -> Result<Vec<Bytes>, String> {
     let mut out = BytesMut::new();
     for c in cmds {
         out.extend_from_slice(&crate::resp::Request::from_args(c).frame);

@@ -177,7 +177,10 @@ impl Server {
     }
 }
 
-type Rt = monoio::FusionRuntime<monoio::time::TimeDriver<monoio::IoUringDriver>, monoio::time::TimeDriver<monoio::LegacyDriver>>;
+type Rt = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
 
 fn build_runtime(driver: IoDriver) -> Result<(Rt, &'static str), StartError> {
     let uring = || {
