@@ -268,6 +268,9 @@ impl Config {
         if self.client.output_buffer_limit.0 < 1 << 16 {
             return bad("client.output_buffer_limit", "must be at least 64KiB".into());
         }
+        if self.client.pubsub_output_buffer_limit.0 < 1 << 16 {
+            return bad("client.pubsub_output_buffer_limit", "must be at least 64KiB".into());
+        }
         let mut seen = std::collections::HashSet::new();
         seen.insert(self.node.id.as_str());
         for p in &self.peers {

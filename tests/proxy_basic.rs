@@ -288,3 +288,32 @@ fn client_reply_off_skip_on() {
     let v: i64 = redis::cmd("GET").arg("rep:a").query(&mut redis.conn()).unwrap();
     assert_eq!(v, 4);
 }
+
+#[test]
+fn select_range_follows_the_upstream_databases_setting() {
+    // Redis with 32 databases: every core of the proxy must accept SELECT 20 and refuse 32;
+    // with 4 databases, SELECT 10 must be refused (else a write would land in another db).
+    for (databases, ok_db, bad_db) in [(32, 20, 32), (4, 3, 10)] {
+        let redis = RedisServer::start_with(&["--databases", &databases.to_string()]);
+        let proxy = Proxy::start(&redis, &["--threads", "2"]);
+        for i in 0..16 {
+            let mut c = proxy.raw();
+            assert_eq!(
+                text(&c.call(&["SELECT", &ok_db.to_string()])),
+                "+OK\r\n",
+                "databases {databases}: connection {i}: SELECT {ok_db}"
+            );
+            assert_eq!(text(&c.call(&["SET", &format!("dbs:{i}"), "v"])), "+OK\r\n");
+            assert_eq!(
+                text(&c.call(&["SELECT", &bad_db.to_string()])),
+                "-ERR DB index is out of range\r\n",
+                "databases {databases}: connection {i}: SELECT {bad_db}"
+            );
+            assert_eq!(text(&c.call(&["GET", &format!("dbs:{i}")])), "$1\r\nv\r\n", "still in db {ok_db}");
+        }
+        let mut d = redis.conn();
+        let _: () = redis::cmd("SELECT").arg(ok_db).query(&mut d).unwrap();
+        let n: i64 = redis::cmd("DBSIZE").query(&mut d).unwrap();
+        assert_eq!(n, 16, "databases {databases}: every write landed in db {ok_db}");
+    }
+}

@@ -119,6 +119,11 @@ impl Client {
     }
 
     fn check_output_limit(&self) {
+        let ready = self.out.borrow().ready_bytes;
+        // Both limits are at least 64 KiB (config validation): skip the lookups below that.
+        if ready <= 64 * 1024 {
+            return;
+        }
         let cfg = &self.core.shared.cfg.client;
         let raw = self.session.borrow().is_raw();
         let limit = if raw { cfg.pubsub_output_buffer_limit.0 } else { cfg.output_buffer_limit.0 } as usize;

@@ -43,8 +43,10 @@ struct LaneState {
     /// Frames waiting to be written, coalesced.
     out: VecDeque<Bytes>,
     current: BytesMut,
-    /// Senders waiting for replies, oldest first, with when they were queued.
-    sinks: VecDeque<(Sink, Instant)>,
+    /// Senders waiting for replies, oldest first.
+    sinks: VecDeque<Sink>,
+    /// Replies received on this connection (the stall detector watches it move).
+    replies_seen: u64,
     /// Why the current connection must be abandoned (set by the timeout check).
     broken: Option<String>,
 }
@@ -71,6 +73,7 @@ impl Lane {
                 out: VecDeque::new(),
                 current: BytesMut::new(),
                 sinks: VecDeque::new(),
+                replies_seen: 0,
                 broken: None,
             }),
             wake_writer: Signal::default(),
@@ -85,15 +88,14 @@ impl Lane {
             let addr = self.core.upgrade().map(|c| c.shared.cfg.redis.address.to_string()).unwrap_or_default();
             return Err(resp::error(&format!("ERR resplica: Redis at {addr} is unavailable ({})", st.down_reason)));
         }
-        let now = Instant::now();
         if db != st.db {
             let select = crate::resp::Request::from_args(&[b"SELECT".as_slice(), db.to_string().as_bytes()]);
             st.push_frame(&select.frame);
-            st.sinks.push_back((Sink::Discard, now));
+            st.sinks.push_back(Sink::Discard);
             st.db = db;
         }
         st.push_frame(&frame);
-        st.sinks.push_back((sink, now));
+        st.sinks.push_back(sink);
         drop(st);
         self.wake_writer.notify();
         Ok(())
@@ -122,7 +124,7 @@ impl Lane {
         loop {
             let next = self.st.borrow_mut().sinks.pop_front();
             match next {
-                Some((sink, _)) => self.deliver(sink, msg.clone()),
+                Some(sink) => self.deliver(sink, msg.clone()),
                 None => break,
             }
         }
@@ -231,7 +233,8 @@ pub(crate) async fn roundtrip(
     }
 }
 
-/// Learn the Redis version and number of databases for HELLO and SELECT (lane 0 only).
+/// Learn the Redis version and number of databases for HELLO and SELECT. Every core keeps
+/// its own `SessionEnv`, so each core's RESP2 lane learns them for its core.
 async fn learn_server_facts(core: &Core) {
     let Ok(mut s) = connect_upstream(core, 2, 0).await else { return };
     let cmds = vec![
@@ -266,7 +269,7 @@ pub(crate) async fn run(lane: Rc<Lane>) {
         }
         match connect_upstream(&core, lane.proto, 0).await {
             Ok(stream) => {
-                if lane.proto == 2 && core.idx == 0 {
+                if lane.proto == 2 {
                     learn_server_facts(&core).await;
                 }
                 if !was_up {
@@ -335,9 +338,13 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
         loop {
             match skim.next_reply(&mut buf) {
                 Ok(Some(reply)) => {
-                    let next = lane.st.borrow_mut().sinks.pop_front();
+                    let next = {
+                        let mut st = lane.st.borrow_mut();
+                        st.replies_seen += 1;
+                        st.sinks.pop_front()
+                    };
                     match next {
-                        Some((sink, _)) => lane.deliver(sink, reply),
+                        Some(sink) => lane.deliver(sink, reply),
                         None => return "Redis sent a reply nobody asked for".to_string(),
                     }
                 }
@@ -364,20 +371,30 @@ async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
     }
 }
 
-/// Fail the connection when its oldest request has waited longer than the request timeout:
-/// replies are matched in order, so one stalled reply stalls them all.
+/// Fail the connection when requests wait and no reply has come for longer than the request
+/// timeout: replies are matched in order, so one stalled reply stalls them all. Time is
+/// sampled per tick, not per request, to keep the clock off the hot path.
 async fn timeout_watch(lane: Rc<Lane>, limit: Duration) {
-    let tick = (limit / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    let tick = (limit / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut last_seen = 0;
+    let mut stalled_since: Option<Instant> = None;
     loop {
         monoio::time::sleep(tick).await;
         let mut st = lane.st.borrow_mut();
         if st.stopping {
             return;
         }
-        let stalled = st.connected && st.broken.is_none() && st.sinks.front().is_some_and(|(_, t)| t.elapsed() > limit);
-        if stalled {
+        let waiting = st.connected && st.broken.is_none() && !st.sinks.is_empty();
+        if !waiting || st.replies_seen != last_seen {
+            last_seen = st.replies_seen;
+            stalled_since = if waiting { Some(Instant::now()) } else { None };
+            continue;
+        }
+        let since = *stalled_since.get_or_insert_with(Instant::now);
+        if since.elapsed() + tick / 2 >= limit {
             st.broken = Some(format!("Redis did not answer within {} ms", limit.as_millis()));
             drop(st);
+            stalled_since = None;
             lane.wake_conn.notify();
         }
     }
