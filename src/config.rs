@@ -278,6 +278,14 @@ impl Config {
                 return bad("peers.id", format!("`{}` is used twice (node ids must be unique in the group)", p.id));
             }
         }
+        if !self.peers.is_empty() {
+            // Refuse rather than run a "pair" that silently does not replicate.
+            return bad(
+                "peers",
+                "active-active replication is not available in this version yet; remove [[peers]] to run a single node"
+                    .into(),
+            );
+        }
         if !self.peers.is_empty() && self.replication.secret.is_empty() {
             return bad("replication.secret", "must be set when [[peers]] are configured".into());
         }
