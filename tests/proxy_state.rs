@@ -77,7 +77,10 @@ fn pubsub_subscribe_psubscribe_unsubscribe() {
         let mut ps = sub.as_pubsub();
         ps.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         ps.subscribe(&ch).unwrap();
-        assert!(wait_until(Duration::from_secs(5), || numsub(&redis, &ch) == 1), "{driver}: subscription not seen by Redis");
+        assert!(
+            wait_until(Duration::from_secs(5), || numsub(&redis, &ch) == 1),
+            "{driver}: subscription not seen by Redis"
+        );
 
         let n: i64 = redis::cmd("PUBLISH").arg(&ch).arg("through-proxy").query(&mut publ).unwrap();
         assert_eq!(n, 1);
@@ -220,7 +223,8 @@ fn watch_multi_exec() {
     let r: Vec<String> = c.read_replies(4, IO_TIMEOUT).unwrap().iter().map(|b| text(b)).collect();
     assert_eq!(r, ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n", "*2\r\n:1\r\n:2\r\n"]);
     // And through the redis crate's atomic pipeline.
-    let (x, y): (i64, i64) = redis::pipe().atomic().cmd("INCR").arg("tx:m").cmd("INCR").arg("tx:m").query(&mut a).unwrap();
+    let (x, y): (i64, i64) =
+        redis::pipe().atomic().cmd("INCR").arg("tx:m").cmd("INCR").arg("tx:m").query(&mut a).unwrap();
     assert_eq!((x, y), (1, 2));
 }
 
@@ -232,7 +236,10 @@ fn client_auth_with_requirepass() {
     assert_eq!(text(&c.call(&["GET", "auth:k"])), "-NOAUTH Authentication required.\r\n");
     assert_eq!(text(&c.call(&["SET", "auth:k", "1"])), "-NOAUTH Authentication required.\r\n");
     assert_eq!(text(&c.call(&["AUTH", "nope"])), "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
-    assert_eq!(text(&c.call(&["AUTH", "default", "nope"])), "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_eq!(
+        text(&c.call(&["AUTH", "default", "nope"])),
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
     assert_eq!(text(&c.call(&["GET", "auth:k"])), "-NOAUTH Authentication required.\r\n");
     assert_eq!(text(&c.call(&["AUTH", "pw"])), "+OK\r\n");
     assert_eq!(text(&c.call(&["SET", "auth:k", "1"])), "+OK\r\n");
@@ -274,7 +281,8 @@ fn upstream_password_is_invisible_to_clients() {
     let v: String = redis::cmd("GET").arg("up:k").query(&mut redis.conn()).unwrap();
     assert_eq!(v, "v");
     // The dedicated connection of a transaction authenticates too.
-    let (x, y): (i64, i64) = redis::pipe().atomic().cmd("INCR").arg("up:n").cmd("INCR").arg("up:n").query(&mut c).unwrap();
+    let (x, y): (i64, i64) =
+        redis::pipe().atomic().cmd("INCR").arg("up:n").cmd("INCR").arg("up:n").query(&mut c).unwrap();
     assert_eq!((x, y), (1, 2));
     // So does the RESP3 connection.
     let mut r3 = proxy.raw();
@@ -290,7 +298,13 @@ fn refused_commands_keep_redis_running() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis, &[]);
     let mut c = proxy.conn();
-    for cmd in [&["SHUTDOWN"][..], &["shutdown", "NOSAVE"], &["REPLICAOF", "127.0.0.1", "1"], &["replicaof", "NO", "ONE"], &["SLAVEOF", "NO", "ONE"]] {
+    for cmd in [
+        &["SHUTDOWN"][..],
+        &["shutdown", "NOSAVE"],
+        &["REPLICAOF", "127.0.0.1", "1"],
+        &["replicaof", "NO", "ONE"],
+        &["SLAVEOF", "NO", "ONE"],
+    ] {
         let mut q = redis::cmd(cmd[0]);
         for a in &cmd[1..] {
             q.arg(*a);

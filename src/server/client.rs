@@ -58,6 +58,9 @@ pub(crate) struct Client {
     wake_reader: Signal,
     closing: Cell<bool>,
     close_signal: Signal,
+    /// Fired by `kill`: aborts a write blocked on a client that no longer reads, so the
+    /// connection (and its `max_clients` slot) is released now, not when the peer reads.
+    dead_signal: Signal,
 }
 
 impl Client {
@@ -146,6 +149,7 @@ impl Client {
         }
         self.closing.set(true);
         self.close_signal.notify();
+        self.dead_signal.notify();
         self.wake_writer.notify();
         self.wake_reader.notify();
     }
@@ -196,6 +200,7 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         wake_reader: Signal::default(),
         closing: Cell::new(false),
         close_signal: Signal::default(),
+        dead_signal: Signal::default(),
     });
     core.clients.borrow_mut().insert(id, Rc::downgrade(&client));
     let core = core.clone();
@@ -474,21 +479,26 @@ async fn write_loop(client: Rc<Client>, mut wr: OwnedWriteHalf<TcpStream>) {
             client.wake_writer.wait().await;
             continue;
         }
-        let ok = if chunks.len() == 1 || total > (1 << 20) {
-            let mut ok = true;
-            for c in chunks {
-                if wr.write_all(c).await.0.is_err() {
-                    ok = false;
-                    break;
+        let write = async {
+            if chunks.len() == 1 || total > (1 << 20) {
+                for c in chunks {
+                    if wr.write_all(c).await.0.is_err() {
+                        return false;
+                    }
                 }
+                true
+            } else {
+                let mut joined = BytesMut::with_capacity(total);
+                for c in &chunks {
+                    joined.extend_from_slice(c);
+                }
+                wr.write_all(joined.freeze()).await.0.is_ok()
             }
-            ok
-        } else {
-            let mut joined = BytesMut::with_capacity(total);
-            for c in &chunks {
-                joined.extend_from_slice(c);
-            }
-            wr.write_all(joined.freeze()).await.0.is_ok()
+        };
+        // A client killed meanwhile (output buffer limit) may never read again: stop waiting.
+        let ok = monoio::select! {
+            ok = write => ok,
+            _ = client.dead_signal.wait() => break,
         };
         {
             let mut out = client.out.borrow_mut();

@@ -300,7 +300,7 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     st.current.clear();
                 }
                 warn!(core = core.idx, proto = lane.proto, "connection to Redis at {} lost: {reason}", cfg.address);
-                lane.fail_all(&reason);
+                lane.fail_all(&format!("connection to Redis at {} failed: {reason}", cfg.address));
                 continue;
             }
             Err(e) => {

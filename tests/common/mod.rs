@@ -397,7 +397,14 @@ impl Drop for RedisServer {
             unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGCONT) };
         }
         if std::thread::panicking() {
-            eprintln!("---- redis-server :{} log (tail) ----\n{}", self.port, self.log_tail());
+            eprintln!(
+                "---- redis-server :{} log (tail; kept at {}) ----\n{}",
+                self.port,
+                self.log.display(),
+                self.log_tail()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
         }
         self.kill();
     }
@@ -412,6 +419,7 @@ pub struct Proxy {
     pub port: u16,
     child: Option<Child>,
     log: PathBuf,
+    config: Option<PathBuf>,
     password: Option<String>,
 }
 
@@ -434,7 +442,9 @@ impl Proxy {
         let password = (!cfg.client.password.is_empty()).then(|| cfg.client.password.clone());
         let path = temp_path("resplica", "toml");
         std::fs::write(&path, toml).expect("write config");
-        Proxy::launch(vec!["--config".into(), path.display().to_string()], password)
+        let mut p = Proxy::launch(vec!["--config".into(), path.display().to_string()], password);
+        p.config = Some(path);
+        p
     }
 
     fn launch(args: Vec<String>, password: Option<String>) -> Proxy {
@@ -452,7 +462,7 @@ impl Proxy {
                 .stderr(logf)
                 .spawn()
                 .expect("spawn resplica");
-            let mut p = Proxy { port, child: Some(child), log, password: password.clone() };
+            let mut p = Proxy { port, child: Some(child), log, config: None, password: password.clone() };
             match p.wait_ready() {
                 Ok(()) => return p,
                 Err(e) => {
@@ -540,7 +550,17 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- resplica :{} log (tail) ----\n{}", self.port, tail(&self.log, 60));
+            eprintln!(
+                "---- resplica :{} log (tail; kept at {}) ----\n{}",
+                self.port,
+                self.log.display(),
+                tail(&self.log, 60)
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+            if let Some(c) = &self.config {
+                let _ = std::fs::remove_file(c);
+            }
         }
         self.kill();
     }
@@ -588,6 +608,7 @@ pub fn run_with_config(toml: &str, extra: &[&str]) -> (ExitStatus, String) {
         .spawn()
         .expect("spawn resplica");
     let st = wait_child(&mut child, Duration::from_secs(10));
+    let _ = std::fs::remove_file(&path);
     let Some(st) = st else {
         let _ = child.kill();
         let _ = child.wait();
@@ -596,7 +617,9 @@ pub fn run_with_config(toml: &str, extra: &[&str]) -> (ExitStatus, String) {
             std::fs::read_to_string(&err).unwrap_or_default()
         );
     };
-    (st, std::fs::read_to_string(&err).unwrap_or_default())
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&err);
+    (st, stderr)
 }
 
 /// Sum of the receive queues of Redis's established server-side sockets (bytes sent to Redis
