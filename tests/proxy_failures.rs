@@ -190,6 +190,29 @@ fn stalled_redis_times_out_then_recovers() {
     }
 }
 
+#[test]
+fn stalled_redis_inside_multi_times_out() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::with_config(&format!(
+        "[node]\nthreads = 1\n[redis]\naddress = \"{}\"\nrequest_timeout_ms = 500\n",
+        redis.addr()
+    ));
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    redis.stop();
+    let t = Instant::now();
+    let r = redis::cmd("INCR").arg("stall:multi").query::<String>(&mut c);
+    let took = t.elapsed();
+    redis.cont();
+    let err = r.expect_err("INCR inside MULTI answered while Redis is stopped");
+    assert!(!err.is_io_error() && !err.is_timeout(), "the proxy must answer, not hang: {err}");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The transaction died with its connection; the client carries on outside it.
+    let v: i64 = redis::cmd("INCR").arg("stall:after").query(&mut c).unwrap();
+    assert_eq!(v, 1);
+}
+
 /// Connect and PING; the connection if the proxy accepted it as a client.
 fn try_client(port: u16) -> Option<RawConn> {
     let mut c = RawConn::connect(port);

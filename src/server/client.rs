@@ -216,11 +216,28 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     });
 }
 
+/// What a dedicated connection owes: one entry per request sent, in order.
+#[derive(Clone, Copy)]
+enum Owed {
+    /// A setup command (SELECT/HELLO) whose reply nobody wants.
+    Discard,
+    /// The reply to the client's request `seq`; blocking ones may legitimately take long.
+    Reply { seq: u64, blocking: bool },
+}
+
+/// State shared between the client's reader (which writes requests), the dedicated
+/// connection's reader task and its stall watch.
+struct DedicatedLink {
+    owed: RefCell<VecDeque<Owed>>,
+    alive: Cell<bool>,
+    replies_seen: Cell<u64>,
+    stalled: Signal,
+}
+
 /// The client's dedicated upstream connection (write side; a task reads the replies).
 struct Dedicated {
     wr: OwnedWriteHalf<TcpStream>,
-    fifo: Rc<RefCell<VecDeque<Option<u64>>>>,
-    alive: Rc<Cell<bool>>,
+    link: Rc<DedicatedLink>,
     db: u32,
     proto: u8,
 }
@@ -330,7 +347,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 let s = client.session.borrow();
                 (s.db, s.proto)
             };
-            if dedicated.as_ref().is_some_and(|d| !d.alive.get()) {
+            if dedicated.as_ref().is_some_and(|d| !d.link.alive.get()) {
                 *dedicated = None;
             }
             if dedicated.is_none() {
@@ -352,21 +369,22 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 frames.extend_from_slice(
                     &crate::resp::Request::from_args(&[b"SELECT".as_slice(), f.db.to_string().as_bytes()]).frame,
                 );
-                d.fifo.borrow_mut().push_back(None);
+                d.link.owed.borrow_mut().push_back(Owed::Discard);
                 d.db = f.db;
             }
             if d.proto != proto {
                 frames.extend_from_slice(
                     &crate::resp::Request::from_args(&[b"HELLO".as_slice(), proto.to_string().as_bytes()]).frame,
                 );
-                d.fifo.borrow_mut().push_back(None);
+                d.link.owed.borrow_mut().push_back(Owed::Discard);
                 d.proto = proto;
             }
             if f.dedicated == DedicatedUse::Raw {
                 // Replies flow straight through; nothing to match.
             } else {
                 let seq = client.push_pending(Some(f.tag), f.discard);
-                d.fifo.borrow_mut().push_back(Some(seq));
+                let blocking = matches!(f.dedicated, DedicatedUse::Counted { blocking: true });
+                d.link.owed.borrow_mut().push_back(Owed::Reply { seq, blocking });
             }
             let res = if frames.is_empty() {
                 d.wr.write_all(f.frame).await.0
@@ -375,7 +393,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 d.wr.write_all(frames.freeze()).await.0
             };
             if res.is_err() {
-                d.alive.set(false);
+                d.link.alive.set(false);
             }
             // A SELECT sent by the client itself moves the dedicated connection too.
             d.db = client.session.borrow().db;
@@ -386,18 +404,42 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
 async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedicated, String> {
     let stream = connect_upstream(&client.core, proto, db).await?;
     let (rd, wr) = stream.into_split();
-    let fifo = Rc::new(RefCell::new(VecDeque::new()));
-    let alive = Rc::new(Cell::new(true));
-    monoio::spawn(dedicated_reader(client.clone(), rd, fifo.clone(), alive.clone()));
-    Ok(Dedicated { wr, fifo, alive, db, proto })
+    let link = Rc::new(DedicatedLink {
+        owed: RefCell::new(VecDeque::new()),
+        alive: Cell::new(true),
+        replies_seen: Cell::new(0),
+        stalled: Signal::default(),
+    });
+    monoio::spawn(dedicated_reader(client.clone(), rd, link.clone()));
+    let limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
+    monoio::spawn(dedicated_stall_watch(link.clone(), limit));
+    Ok(Dedicated { wr, link, db, proto })
 }
 
-async fn dedicated_reader(
-    client: Rc<Client>,
-    mut rd: OwnedReadHalf<TcpStream>,
-    fifo: Rc<RefCell<VecDeque<Option<u64>>>>,
-    alive: Rc<Cell<bool>>,
-) {
+/// Like the lanes' stall detector, for the dedicated connection: when a non-blocking
+/// request (inside MULTI, say) waits longer than the request timeout with no reply, the
+/// connection is abandoned and the client gets an error instead of a hang.
+async fn dedicated_stall_watch(link: Rc<DedicatedLink>, limit: std::time::Duration) {
+    let tick = (limit / 8).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_millis(250));
+    let mut last_seen = u64::MAX;
+    let mut since = std::time::Instant::now();
+    while link.alive.get() {
+        monoio::time::sleep(tick).await;
+        let waiting = matches!(link.owed.borrow().front(), Some(Owed::Discard | Owed::Reply { blocking: false, .. }));
+        let seen = link.replies_seen.get();
+        if !waiting || seen != last_seen {
+            last_seen = seen;
+            since = std::time::Instant::now();
+            continue;
+        }
+        if since.elapsed() + tick / 2 >= limit {
+            link.stalled.notify();
+            return;
+        }
+    }
+}
+
+async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, link: Rc<DedicatedLink>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut skim = ReplySkimmer::new();
     let reason = 'read: loop {
@@ -406,7 +448,11 @@ async fn dedicated_reader(
             buf.reserve(want);
         }
         let len = buf.len();
-        let (res, b) = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)).await;
+        let read = monoio::select! {
+            r = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)) => Some(r),
+            _ = link.stalled.wait() => None,
+        };
+        let Some((res, b)) = read else { break "Redis did not answer within the request timeout" };
         buf = b.into_inner();
         match res {
             Ok(0) => break "Redis closed the connection",
@@ -416,10 +462,11 @@ async fn dedicated_reader(
         loop {
             match skim.next_reply(&mut buf) {
                 Ok(Some(reply)) => {
-                    let next = fifo.borrow_mut().pop_front();
+                    link.replies_seen.set(link.replies_seen.get() + 1);
+                    let next = link.owed.borrow_mut().pop_front();
                     match next {
-                        Some(Some(seq)) => client.fill(seq, reply),
-                        Some(None) => {}
+                        Some(Owed::Reply { seq, .. }) => client.fill(seq, reply),
+                        Some(Owed::Discard) => {}
                         None => {
                             if client.session.borrow().is_raw() {
                                 client.push_unsolicited(reply);
@@ -434,9 +481,17 @@ async fn dedicated_reader(
             }
         }
     };
-    alive.set(false);
+    link.alive.set(false);
     let was_raw = client.session.borrow().is_raw();
-    let pending: Vec<_> = fifo.borrow_mut().drain(..).flatten().collect();
+    let pending: Vec<u64> = link
+        .owed
+        .borrow_mut()
+        .drain(..)
+        .filter_map(|o| match o {
+            Owed::Reply { seq, .. } => Some(seq),
+            Owed::Discard => None,
+        })
+        .collect();
     if !pending.is_empty() || was_raw {
         debug!(client = client.id, "dedicated connection ended: {reason}");
     }
