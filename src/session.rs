@@ -86,13 +86,44 @@ pub enum Action {
     Wait,
 }
 
+/// The refused commands, resolved once to table entries so the per-request check is a
+/// pointer comparison.
+#[derive(Debug, Clone, Default)]
+pub struct Refused {
+    known: Vec<&'static CommandDef>,
+    unknown: Vec<String>,
+}
+
+impl Refused {
+    /// From command names (any case).
+    pub fn new<S: AsRef<str>>(names: &[S]) -> Refused {
+        let mut r = Refused::default();
+        for n in names {
+            let lower = n.as_ref().to_ascii_lowercase();
+            match command::lookup_command(lower.as_bytes()) {
+                Some(d) => r.known.push(d),
+                None => r.unknown.push(lower),
+            }
+        }
+        r
+    }
+
+    /// Whether the command (`top`: its table entry; `name`: lower-case name) is refused.
+    pub fn contains(&self, top: Option<&'static CommandDef>, name: &[u8]) -> bool {
+        match top {
+            Some(d) => self.known.iter().any(|k| std::ptr::eq(*k, d)),
+            None => self.unknown.iter().any(|u| u.as_bytes() == name),
+        }
+    }
+}
+
 /// Facts about the environment a session needs, shared by all sessions of a process.
 #[derive(Debug, Clone)]
 pub struct SessionEnv {
     /// `[client] password`; empty = no AUTH needed.
     pub password: String,
-    /// Lower-case names of refused commands.
-    pub refused: Vec<String>,
+    /// Refused commands, by name (lower case).
+    pub refused: Refused,
     /// Runtime threads (sequencer cores).
     pub threads: usize,
     /// Whether writes go to their slot's sequencer core.
@@ -269,12 +300,15 @@ impl Session {
         } else {
             name_raw
         };
-        let def = command::lookup(req);
+        let (top, def) = match command::lookup_with_parent(req) {
+            Some((t, d)) => (Some(t), Some(d)),
+            None => (None, None),
+        };
 
         if !self.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
             return self.local_reply(resp::error("NOAUTH Authentication required."));
         }
-        if !env.refused.is_empty() && env.refused.iter().any(|r| r.as_bytes() == name) {
+        if env.refused.contains(top, name) {
             let shown = String::from_utf8_lossy(name_raw);
             return self.local_reply(resp::error(&format!(
                 "ERR command '{shown}' is not allowed through resplica (see [client] refuse_commands)"
@@ -732,7 +766,7 @@ mod tests {
     fn env(threads: usize, slot: bool) -> SessionEnv {
         SessionEnv {
             password: String::new(),
-            refused: vec!["shutdown".into()],
+            refused: Refused::new(&["shutdown"]),
             threads,
             slot_sequencing: slot,
             redis_version: "7.0.15".into(),

@@ -12,7 +12,7 @@ use smallvec::SmallVec;
 use crate::resp::{parse_int, Request};
 pub use spec::*;
 
-/// Find a command (or container command) by name, case-insensitively.
+/// Find a command (or subcommand) in `table` by name, case-insensitively (binary search).
 pub fn lookup_name(table: &'static [CommandDef], name: &[u8]) -> Option<&'static CommandDef> {
     if name.len() > 32 {
         return None;
@@ -25,19 +25,58 @@ pub fn lookup_name(table: &'static [CommandDef], name: &[u8]) -> Option<&'static
     table.binary_search_by(|c| c.name.as_bytes().cmp(lower)).ok().map(|i| &table[i])
 }
 
-/// The table entry for a request: the subcommand's entry for container commands
-/// (`CLIENT SETNAME` → `setname`), `None` for commands Redis 7 does not know (modules).
-pub fn lookup(req: &Request) -> Option<&'static CommandDef> {
+/// Top-level commands bucketed by (name length, first letter): a lookup on the per-request
+/// path compares one or two names instead of binary-searching the whole table.
+struct Index {
+    buckets: Vec<smallvec::SmallVec<[u16; 2]>>,
+}
+
+fn bucket_of(name: &[u8]) -> Option<usize> {
+    let first = *name.first()?;
+    (name.len() < 32).then(|| name.len() * 32 + (first.to_ascii_lowercase() & 31) as usize)
+}
+
+fn index() -> &'static Index {
+    static INDEX: std::sync::OnceLock<Index> = std::sync::OnceLock::new();
+    INDEX.get_or_init(|| {
+        let mut buckets = vec![smallvec::SmallVec::new(); 32 * 32];
+        for (i, c) in table::COMMANDS.iter().enumerate() {
+            if let Some(b) = bucket_of(c.name.as_bytes()) {
+                buckets[b].push(i as u16);
+            }
+        }
+        Index { buckets }
+    })
+}
+
+/// Find a top-level command by name, case-insensitively.
+pub fn lookup_command(name: &[u8]) -> Option<&'static CommandDef> {
+    let b = bucket_of(name)?;
+    index().buckets[b]
+        .iter()
+        .map(|&i| &table::COMMANDS[i as usize])
+        .find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// The table entries for a request: the top-level command and the entry that describes it
+/// (the subcommand's for container commands: `CLIENT SETNAME` → `setname`); `None` for
+/// commands Redis 7 does not know (modules).
+pub fn lookup_with_parent(req: &Request) -> Option<(&'static CommandDef, &'static CommandDef)> {
     if req.is_empty() {
         return None;
     }
-    let def = lookup_name(table::COMMANDS, req.arg(0))?;
+    let def = lookup_command(req.arg(0))?;
     if !def.subcommands.is_empty() && req.len() > 1 {
         if let Some(sub) = lookup_name(def.subcommands, req.arg(1)) {
-            return Some(sub);
+            return Some((def, sub));
         }
     }
-    Some(def)
+    Some((def, def))
+}
+
+/// The table entry that describes a request (see `lookup_with_parent`).
+pub fn lookup(req: &Request) -> Option<&'static CommandDef> {
+    lookup_with_parent(req).map(|(_, d)| d)
 }
 
 /// Argument indices of the keys of `req` according to `def`'s key specs (specs marked
@@ -139,5 +178,9 @@ mod tests {
         assert_eq!(lookup(&req).map(|d| d.name), Some("setname"));
         assert!(lookup_name(table::COMMANDS, b"SeT").is_some_and(|d| d.flags & F_WRITE != 0));
         assert!(lookup_name(table::COMMANDS, b"nosuchcommand").is_none());
+        for c in table::COMMANDS {
+            assert!(std::ptr::eq(lookup_command(c.name.to_ascii_uppercase().as_bytes()).unwrap(), c), "{}", c.name);
+        }
+        assert!(lookup_command(b"").is_none() && lookup_command(b"getx").is_none());
     }
 }

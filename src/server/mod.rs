@@ -250,7 +250,7 @@ async fn core_main(
     let cfg = &shared.cfg;
     let env = SessionEnv {
         password: cfg.client.password.clone(),
-        refused: cfg.client.refuse_commands.iter().map(|c| c.to_ascii_lowercase()).collect(),
+        refused: crate::session::Refused::new(&cfg.client.refuse_commands),
         threads: cfg.thread_count(),
         slot_sequencing: cfg.slot_sequencing(),
         redis_version: "7.0.0".into(),
