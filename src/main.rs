@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use resplica::config::{Config, IoDriver};
+use resplica::config::{Config, IoDriver, Sequencing};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -37,6 +37,10 @@ struct Cli {
     /// auto, io_uring or epoll ([node] io_driver).
     #[arg(long, value_name = "DRIVER", value_parser = parse_driver)]
     io_driver: Option<IoDriver>,
+    /// auto, slot or local ([node] sequencing): whether writes hop to their slot's
+    /// sequencer core.
+    #[arg(long, value_name = "MODE", value_parser = parse_sequencing)]
+    sequencing: Option<Sequencing>,
     /// Password clients must AUTH with ([client] password).
     #[arg(long, value_name = "PASSWORD")]
     requirepass: Option<String>,
@@ -51,6 +55,15 @@ fn parse_driver(s: &str) -> Result<IoDriver, String> {
         "io_uring" | "iouring" | "uring" => Ok(IoDriver::IoUring),
         "epoll" => Ok(IoDriver::Epoll),
         other => Err(format!("unknown io driver `{other}` (auto, io_uring, epoll)")),
+    }
+}
+
+fn parse_sequencing(s: &str) -> Result<Sequencing, String> {
+    match s {
+        "auto" => Ok(Sequencing::Auto),
+        "slot" => Ok(Sequencing::Slot),
+        "local" => Ok(Sequencing::Local),
+        other => Err(format!("unknown sequencing `{other}` (auto, slot, local)")),
     }
 }
 
@@ -79,6 +92,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(d) = cli.io_driver {
         cfg.node.io_driver = d;
+    }
+    if let Some(s) = cli.sequencing {
+        cfg.node.sequencing = s;
     }
     if let Some(p) = &cli.requirepass {
         cfg.client.password = p.clone();
