@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::command::{self, CommandDef, F_BLOCKING, F_MAY_REPLICATE, F_WRITE};
+use crate::command::{self, CommandDef, F_BLOCKING};
 use crate::resp::{self, parse_int, Request};
 use crate::slot::key_slot;
 
@@ -380,7 +380,7 @@ impl Session {
     /// Route an ordinary command to a shared lane, holding it back if it could overtake one
     /// of this client's in-flight commands.
     fn route(&mut self, req: &Request, def: Option<&'static CommandDef>, env: &SessionEnv) -> Action {
-        let write = def.map_or(true, |d| d.flags & (F_WRITE | F_MAY_REPLICATE) != 0);
+        let write = command::is_write(def);
         let local = Lane::Shared(self.core);
         if !env.slot_sequencing || env.threads <= 1 {
             // One lane per client: only the dedicated connection can be overtaken.
@@ -409,13 +409,9 @@ impl Session {
                     *l
                 } else if let Some((l, _)) = self.inflight.all {
                     l
-                } else if let Some(l) = self.inflight.only_lane() {
-                    // Staying on the one busy lane keeps the pipeline flowing.
-                    l
-                } else if self.inflight.is_empty() {
-                    local
                 } else {
-                    local
+                    // Staying on the one busy lane keeps the pipeline flowing.
+                    self.inflight.only_lane().unwrap_or(local)
                 }
             }
             (Scope::All, _) => {

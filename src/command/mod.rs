@@ -142,11 +142,12 @@ pub fn key_indices(def: &CommandDef, req: &Request) -> SmallVec<[usize; 4]> {
     out
 }
 
-/// Whether the command changes data: flagged `write` by Redis, or unknown to the table
-/// (a module command: treated as a write to be safe).
+/// Whether the command may change data: flagged `write` or `may_replicate` by Redis (EVAL,
+/// FCALL, ...), or unknown to the table (a module command: treated as a
+/// write to be safe).
 pub fn is_write(def: Option<&CommandDef>) -> bool {
     match def {
-        Some(d) => d.flags & F_WRITE != 0,
+        Some(d) => d.flags & (F_WRITE | F_MAY_REPLICATE) != 0,
         None => true,
     }
 }

@@ -15,10 +15,11 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
+use super::io::read_more;
 use super::lane::{connect_upstream, Sink};
 use super::{Core, CoreMsg, Signal};
 use crate::resp::{self, ReplySkimmer, RequestParser};
@@ -300,17 +301,13 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
             continue;
         }
         // Need more bytes.
-        let want = parser.bytes_hint(buf.len()).max(16 * 1024);
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
-        let len = buf.len();
+        let hint = parser.bytes_hint(buf.len());
         let read = monoio::select! {
-            r = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)) => Some(r),
+            r = read_more(&mut rd, buf, hint) => Some(r),
             _ = client.close_signal.wait() => None,
         };
         let Some((res, b)) = read else { break };
-        buf = b.into_inner();
+        buf = b;
         match res {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
@@ -443,17 +440,13 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut skim = ReplySkimmer::new();
     let reason = 'read: loop {
-        let want = skim.bytes_hint(buf.len()).max(16 * 1024);
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
-        let len = buf.len();
+        let hint = skim.bytes_hint(buf.len());
         let read = monoio::select! {
-            r = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)) => Some(r),
+            r = read_more(&mut rd, buf, hint) => Some(r),
             _ = link.stalled.wait() => None,
         };
         let Some((res, b)) = read else { break "Redis did not answer within the request timeout" };
-        buf = b.into_inner();
+        buf = b;
         match res {
             Ok(0) => break "Redis closed the connection",
             Err(_) => break "read error",

@@ -12,10 +12,11 @@ use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use tracing::{info, warn};
 
+use super::io::read_more;
 use super::{Core, CoreMsg, Signal};
 use crate::resp::{self, ReplySkimmer};
 
@@ -215,10 +216,8 @@ pub(crate) async fn roundtrip(
             if replies.len() == cmds.len() {
                 break;
             }
-            buf.reserve(4096);
-            let len = buf.len();
-            let (res, b) = stream.read(monoio::buf::IoBufMut::slice_mut(buf, len..)).await;
-            buf = b.into_inner();
+            let (res, b) = read_more(stream, buf, 0).await;
+            buf = b;
             match res {
                 Ok(0) => return Err("Redis closed the connection during setup".to_string()),
                 Ok(_) => {}
@@ -323,13 +322,9 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut skim = ReplySkimmer::new();
     loop {
-        let want = skim.bytes_hint(buf.len()).max(16 * 1024);
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
-        let len = buf.len();
-        let (res, b) = rd.read(monoio::buf::IoBufMut::slice_mut(buf, len..)).await;
-        buf = b.into_inner();
+        let hint = skim.bytes_hint(buf.len());
+        let (res, b) = read_more(&mut rd, buf, hint).await;
+        buf = b;
         match res {
             Ok(0) => return "Redis closed the connection".to_string(),
             Ok(_) => {}

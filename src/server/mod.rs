@@ -7,6 +7,7 @@
 //! and its reply hops back). No locks on the data path.
 
 mod client;
+mod io;
 mod lane;
 mod signal;
 
