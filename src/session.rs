@@ -132,6 +132,34 @@ pub struct SessionEnv {
     pub redis_version: String,
     /// Number of databases of the upstream Redis.
     pub databases: u32,
+    /// Proxy client id → Redis's id of that client's dedicated connection, for commands that
+    /// name another client (`CLIENT TRACKING ... REDIRECT id`, `CLIENT UNBLOCK id`).
+    pub upstream_ids: UpstreamIds,
+}
+
+/// Shared by all cores; touched when a dedicated connection opens or closes and by the rare
+/// commands that name a client id, never on the data path.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamIds(std::sync::Arc<std::sync::Mutex<HashMap<u64, u64>>>);
+
+/// An id no Redis connection has, for proxy ids that have no dedicated connection: Redis
+/// then answers as for any unknown client.
+const NO_SUCH_CLIENT: u64 = i64::MAX as u64;
+
+impl UpstreamIds {
+    /// Record (or, with `None`, forget) the upstream id of a client's dedicated connection.
+    pub fn set(&self, client: u64, upstream: Option<u64>) {
+        if let Ok(mut m) = self.0.lock() {
+            match upstream {
+                Some(u) => m.insert(client, u),
+                None => m.remove(&client),
+            };
+        }
+    }
+
+    fn translate(&self, client: u64) -> u64 {
+        self.0.lock().ok().and_then(|m| m.get(&client).copied()).unwrap_or(NO_SUCH_CLIENT)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +185,9 @@ pub struct Session {
     in_multi: bool,
     watching: bool,
     raw: bool,
+    /// CLIENT TRACKING was turned on: invalidations arrive on the dedicated connection, so
+    /// every forwarded command stays there (replies still matched one per request).
+    tracking: bool,
     inflight: Inflight,
 }
 
@@ -254,13 +285,14 @@ impl Session {
             in_multi: false,
             watching: false,
             raw: false,
+            tracking: false,
             inflight: Inflight::default(),
         }
     }
 
     /// Whether the client is bound to its dedicated connection (MULTI, WATCH, pub/sub, ...).
     pub fn in_dedicated_state(&self) -> bool {
-        self.in_multi || self.watching || self.raw
+        self.in_multi || self.watching || self.raw || self.tracking
     }
 
     /// Whether the client is in pub/sub or MONITOR mode (output not driven by requests).
@@ -283,6 +315,7 @@ impl Session {
         self.in_multi = false;
         self.watching = false;
         self.raw = false;
+        self.tracking = false;
     }
 
     /// Decide what to do with one request. Changes state only when the answer is not `Wait`.
@@ -323,6 +356,22 @@ impl Session {
             _ => {}
         }
 
+        if name == b"config" && sets_requirepass(req) {
+            return self.local_reply(resp::error(
+                "ERR resplica: CONFIG SET requirepass would lock resplica out of its own Redis; \
+                 set [redis] password (resplica's credentials) and [client] password (clients' AUTH) instead",
+            ));
+        }
+        // Commands naming another client by id: ours → the Redis id of its connection.
+        let translated;
+        let req = match translate_client_ids(name, req, &env.upstream_ids) {
+            Some(r) => {
+                translated = r;
+                &translated
+            }
+            None => req,
+        };
+
         if self.raw {
             // Pub/sub or MONITOR: the dedicated connection carries everything from now on.
             if name == b"select" {
@@ -351,9 +400,7 @@ impl Session {
                 | b"punsubscribe"
                 | b"sunsubscribe"
                 | b"monitor"
-        ) || (name == b"client"
-            && req.len() > 1
-            && (req.arg(1).eq_ignore_ascii_case(b"tracking") || req.arg(1).eq_ignore_ascii_case(b"caching")));
+        );
         if pubsub_mode {
             if !self.inflight.only_on(Lane::Dedicated) {
                 return Action::Wait;
@@ -362,13 +409,15 @@ impl Session {
             return self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Raw, def);
         }
         let blocking = is_blocking(name, req, flags);
-        if blocking || name == b"multi" || name == b"watch" {
+        let starts_tracking = name == b"client" && req.len() > 1 && req.arg(1).eq_ignore_ascii_case(b"tracking");
+        if blocking || self.tracking || starts_tracking || name == b"multi" || name == b"watch" {
             if !self.inflight.only_on(Lane::Dedicated) {
                 return Action::Wait;
             }
             match name {
                 b"multi" => self.in_multi = true,
                 b"watch" => self.watching = true,
+                _ if starts_tracking => self.tracking = true,
                 _ => {}
             }
             return self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Counted { blocking }, def);
@@ -560,6 +609,12 @@ impl Session {
                         None => resp::null(self.proto),
                     },
                     b"id" => resp::int(self.id as i64),
+                    // Connection flags: on a shared upstream connection they would apply to
+                    // every client of the core, so the proxy takes them itself.
+                    b"no-evict" if req.len() == 3 => match req.arg(2).to_ascii_lowercase().as_slice() {
+                        b"on" | b"off" => resp::simple("OK"),
+                        _ => resp::error("ERR syntax error"),
+                    },
                     b"info" => resp::bulk(self.client_info_line().as_bytes()),
                     b"list" if req.len() == 2 => resp::bulk(self.client_info_line().as_bytes()),
                     b"reply" if req.len() == 3 => {
@@ -718,6 +773,33 @@ impl Session {
     }
 }
 
+/// `CONFIG SET ... requirepass ...` (any position among the parameter/value pairs).
+fn sets_requirepass(req: &Request) -> bool {
+    req.len() >= 4
+        && req.arg(1).eq_ignore_ascii_case(b"set")
+        && (2..req.len()).step_by(2).any(|i| req.arg(i).eq_ignore_ascii_case(b"requirepass"))
+}
+
+/// Rewrite `CLIENT TRACKING ... REDIRECT <id>` and `CLIENT UNBLOCK <id>` from proxy ids to
+/// the Redis ids of those clients' dedicated connections. `None`: nothing to rewrite.
+fn translate_client_ids(name: &[u8], req: &Request, ids: &UpstreamIds) -> Option<Request> {
+    if name != b"client" || req.len() < 3 {
+        return None;
+    }
+    let sub = req.arg(1);
+    let at = if sub.eq_ignore_ascii_case(b"unblock") {
+        2
+    } else if sub.eq_ignore_ascii_case(b"tracking") {
+        (3..req.len()).find(|&i| req.arg(i - 1).eq_ignore_ascii_case(b"redirect"))?
+    } else {
+        return None;
+    };
+    let id = parse_int(req.arg(at)).filter(|&v| v > 0)? as u64;
+    let upstream = ids.translate(id).to_string();
+    let args: Vec<&[u8]> = req.args().enumerate().map(|(i, a)| if i == at { upstream.as_bytes() } else { a }).collect();
+    Some(Request::from_args(&args))
+}
+
 fn valid_name(name: &[u8]) -> Result<(), Bytes> {
     if name.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
         return Err(resp::error("ERR Client names cannot contain spaces, newlines or special characters."));
@@ -767,6 +849,7 @@ mod tests {
             slot_sequencing: slot,
             redis_version: "7.0.15".into(),
             databases: 16,
+            upstream_ids: UpstreamIds::default(),
         }
     }
 

@@ -20,7 +20,7 @@ use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::io::read_more;
-use super::lane::{connect_upstream, Sink};
+use super::lane::{connect_upstream, roundtrip, Sink};
 use super::{Core, CoreMsg, Signal};
 use crate::resp::{self, ReplySkimmer, RequestParser};
 use crate::session::{Action, DedicatedUse, Forward, Lane, Session, Tag};
@@ -399,7 +399,16 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
 }
 
 async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedicated, String> {
-    let stream = connect_upstream(&client.core, proto, db).await?;
+    let mut stream = connect_upstream(&client.core, proto, db).await?;
+    // Learn Redis's id for this connection, so that other clients can name this one in
+    // CLIENT TRACKING REDIRECT / CLIENT UNBLOCK by the id the proxy gave it.
+    let timeout = client.core.shared.cfg.redis.connect_timeout_ms;
+    let replies = roundtrip(&mut stream, &[vec![b"CLIENT".to_vec(), b"ID".to_vec()]], timeout).await?;
+    if let Some(id) = replies.first().and_then(|r| r.strip_prefix(b":")).and_then(|r| r.strip_suffix(b"\r\n")) {
+        if let Some(id) = crate::resp::parse_int(id).filter(|&i| i > 0) {
+            client.core.shared.upstream_ids.set(client.id, Some(id as u64));
+        }
+    }
     let (rd, wr) = stream.into_split();
     let link = Rc::new(DedicatedLink {
         owed: RefCell::new(VecDeque::new()),
@@ -454,6 +463,10 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
         }
         loop {
             match skim.next_reply(&mut buf) {
+                Ok(Some(reply)) if reply.first() == Some(&b'>') => {
+                    // RESP3 push (invalidation, pub/sub message): out of band, never a reply.
+                    client.push_unsolicited(reply);
+                }
                 Ok(Some(reply)) => {
                     link.replies_seen.set(link.replies_seen.get() + 1);
                     let next = link.owed.borrow_mut().pop_front();
@@ -475,6 +488,7 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
         }
     };
     link.alive.set(false);
+    client.core.shared.upstream_ids.set(client.id, None);
     let was_raw = client.session.borrow().is_raw();
     let pending: Vec<u64> = link
         .owed

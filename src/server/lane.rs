@@ -332,6 +332,15 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
         }
         loop {
             match skim.next_reply(&mut buf) {
+                Ok(Some(reply)) if reply.first() == Some(&b'>') => {
+                    // A RESP3 push is not a reply to anything. On a shared connection it can
+                    // only be an invalidation redirected here by some client's CLIENT TRACKING
+                    // REDIRECT: it belongs to nobody, and must not be taken for a reply.
+                    tracing::debug!(
+                        core = lane.core.upgrade().map(|c| c.idx),
+                        "dropped a push frame on a shared connection"
+                    );
+                }
                 Ok(Some(reply)) => {
                     let next = {
                         let mut st = lane.st.borrow_mut();

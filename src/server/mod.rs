@@ -62,6 +62,7 @@ pub(crate) struct Shared {
     pub inboxes: Vec<async_channel::Sender<CoreMsg>>,
     pub shutting_down: AtomicBool,
     pub driver_name: std::sync::OnceLock<&'static str>,
+    pub upstream_ids: crate::session::UpstreamIds,
 }
 
 /// One core's state, owned by its runtime thread.
@@ -122,6 +123,7 @@ impl Server {
             inboxes: txs,
             shutting_down: AtomicBool::new(false),
             driver_name: std::sync::OnceLock::new(),
+            upstream_ids: Default::default(),
         });
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartError>>(n);
         let mut threads = Vec::with_capacity(n);
@@ -271,6 +273,7 @@ async fn core_main(
         slot_sequencing: cfg.slot_sequencing(),
         redis_version: "7.0.0".into(),
         databases: 16,
+        upstream_ids: shared.upstream_ids.clone(),
     };
     let core = Rc::new_cyclic(|weak: &Weak<Core>| Core {
         idx,
