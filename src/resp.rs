@@ -44,6 +44,12 @@ pub enum ProtoError {
     /// An inline command longer than 64 KiB.
     #[error("Protocol error: too big inline request")]
     TooBigInline,
+    /// More than 10 arguments from a client that has not authenticated yet.
+    #[error("Protocol error: unauthenticated multibulk length")]
+    UnauthenticatedMultibulkLength,
+    /// A bulk over 16 KiB from a client that has not authenticated yet.
+    #[error("Protocol error: unauthenticated bulk length")]
+    UnauthenticatedBulkLength,
     /// An inline command with a quote that never closes.
     #[error("Protocol error: unbalanced quotes in request")]
     UnbalancedQuotes,
@@ -109,6 +115,9 @@ impl Request {
 #[derive(Debug)]
 pub struct RequestParser {
     max_bulk: usize,
+    /// Until the client authenticates, Redis (6.2.6+) caps requests at 10 arguments and
+    /// 16 KiB bulks, so that nobody can make it buffer much without the password.
+    unauthenticated: bool,
     /// Multibulk in progress: how many args remain, where we are in the buffer.
     pending: Option<Multibulk>,
 }
@@ -125,7 +134,12 @@ struct Multibulk {
 impl RequestParser {
     /// A parser rejecting bulk strings longer than `max_bulk` bytes.
     pub fn new(max_bulk: usize) -> RequestParser {
-        RequestParser { max_bulk, pending: None }
+        RequestParser { max_bulk, unauthenticated: false, pending: None }
+    }
+
+    /// Apply (or lift) the limits for clients that have not authenticated.
+    pub fn set_unauthenticated(&mut self, unauthenticated: bool) {
+        self.unauthenticated = unauthenticated;
     }
 
     /// How many more bytes are known to be needed before the next frame can complete
@@ -154,6 +168,9 @@ impl RequestParser {
                         let n = parse_int(&buf[1..line_end]).ok_or(ProtoError::InvalidMultibulkLength)?;
                         if n > MAX_MULTIBULK {
                             return Err(ProtoError::InvalidMultibulkLength);
+                        }
+                        if self.unauthenticated && n > 10 {
+                            return Err(ProtoError::UnauthenticatedMultibulkLength);
                         }
                         if n <= 0 {
                             // Redis skips empty multibulks silently.
@@ -191,6 +208,9 @@ impl RequestParser {
                         return Ok(None);
                     };
                     let n = parse_int(&buf[mb.pos + 1..line_end]).ok_or(ProtoError::InvalidBulkLength)?;
+                    if self.unauthenticated && n > 16384 {
+                        return Err(ProtoError::UnauthenticatedBulkLength);
+                    }
                     if n < 0 || n as u64 > self.max_bulk as u64 {
                         return Err(ProtoError::InvalidBulkLength);
                     }
@@ -628,6 +648,21 @@ mod tests {
         assert_eq!(parse_all(b"set \"a\r\n").unwrap_err().to_string(), "Protocol error: unbalanced quotes in request");
         let long = vec![b'a'; INLINE_MAX + 10];
         assert_eq!(parse_all(&long).unwrap_err(), ProtoError::TooBigInline);
+    }
+
+    #[test]
+    fn unauthenticated_limits_like_redis() {
+        let mut p = RequestParser::new(DEFAULT_MAX_BULK);
+        p.set_unauthenticated(true);
+        let mut big = BytesMut::from(&b"*11\r\n"[..]);
+        assert_eq!(p.parse(&mut big).unwrap_err(), ProtoError::UnauthenticatedMultibulkLength);
+        let mut p = RequestParser::new(DEFAULT_MAX_BULK);
+        p.set_unauthenticated(true);
+        let mut big = BytesMut::from(&b"*2\r\n$4\r\nAUTH\r\n$16385\r\n"[..]);
+        assert_eq!(p.parse(&mut big).unwrap_err(), ProtoError::UnauthenticatedBulkLength);
+        p.set_unauthenticated(false);
+        let mut ok = BytesMut::from(&b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n"[..]);
+        assert!(p.parse(&mut ok).unwrap().is_some());
     }
 
     #[test]

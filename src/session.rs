@@ -66,6 +66,10 @@ pub struct Forward {
     /// The client asked not to get this reply (CLIENT REPLY OFF/SKIP).
     pub discard: bool,
     pub is_write: bool,
+    /// The command does not depend on the database (SCRIPT KILL, FUNCTION KILL): a dedicated
+    /// connection opened for it is left in database 0, because Redis refuses SELECT while a
+    /// script is running, which is exactly when these are sent.
+    pub any_db: bool,
 }
 
 /// The decision for one request.
@@ -408,6 +412,20 @@ impl Session {
             self.raw = true;
             return self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Raw, def);
         }
+        // SCRIPT KILL / FUNCTION KILL are sent while a script holds Redis; on a shared lane
+        // they would queue behind that very script (if it came through the same lane) and
+        // never reach Redis: they get a connection of their own, like Redis's own clients.
+        if is_script_kill(name, req) {
+            if !self.inflight.only_on(Lane::Dedicated) {
+                return Action::Wait;
+            }
+            let mut action =
+                self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Counted { blocking: false }, def);
+            if let Action::Forward(f) = &mut action {
+                f.any_db = true;
+            }
+            return action;
+        }
         let blocking = is_blocking(name, req, flags);
         let starts_tracking = name == b"client" && req.len() > 1 && req.arg(1).eq_ignore_ascii_case(b"tracking");
         if blocking || self.tracking || starts_tracking || name == b"multi" || name == b"watch" {
@@ -501,6 +519,7 @@ impl Session {
             dedicated,
             discard,
             is_write: command::is_write(def),
+            any_db: false,
         })
     }
 
@@ -807,6 +826,11 @@ fn valid_name(name: &[u8]) -> Result<(), Bytes> {
     Ok(())
 }
 
+/// `SCRIPT KILL` and `FUNCTION KILL`.
+fn is_script_kill(name: &[u8], req: &Request) -> bool {
+    matches!(name, b"script" | b"function") && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"kill")
+}
+
 /// Blocking commands need a dedicated connection: a shared one would stall every other
 /// client's commands behind them. XREAD/XREADGROUP block only with BLOCK; WAIT/WAITAOF
 /// wait for replicas.
@@ -912,6 +936,24 @@ mod tests {
         let sub = fwd(s.on_request(&req(&["SUBSCRIBE", "ch"]), &env));
         assert_eq!(sub.dedicated, DedicatedUse::Raw);
         assert!(s.is_raw());
+    }
+
+    #[test]
+    fn script_kill_goes_on_its_own_connection_in_any_database() {
+        let env = env(1, false);
+        let mut s = Session::new(1, 0, &env, "c".into(), "l".into());
+        assert!(matches!(s.on_request(&req(&["SELECT", "9"]), &env), Action::Reply(_)));
+        for cmd in [["SCRIPT", "KILL"], ["function", "kill"]] {
+            let f = fwd(s.on_request(&req(&cmd), &env));
+            assert_eq!(f.lane, Lane::Dedicated, "{cmd:?}");
+            assert!(f.any_db, "{cmd:?}: must not need a SELECT");
+            assert!(!s.in_dedicated_state(), "{cmd:?}: the client is not bound to the connection");
+            s.completed(f.tag, &env);
+        }
+        let g = fwd(s.on_request(&req(&["SCRIPT", "FLUSH"]), &env));
+        assert_eq!(g.lane, Lane::Shared(0));
+        assert!(!g.any_db);
+        assert_eq!(g.db, 9);
     }
 
     #[test]

@@ -351,3 +351,35 @@ fn monitor_sees_other_clients_commands() {
     // Redis accepts only a few; QUIT is answered by the proxy and closes the connection).
     m.send_cmd(&["QUIT"]);
 }
+
+/// A script that runs past its time limit can be stopped with SCRIPT KILL from another
+/// client, even one on the same core (whose shared lane is the one the script blocks) and
+/// in another database (Redis refuses SELECT while a script runs). The script's own client
+/// gets Redis's error and the lane serves again.
+#[test]
+fn script_kill_stops_a_runaway_script_sent_through_the_same_lane() {
+    let redis = RedisServer::start();
+    // One core: both clients share one upstream lane.
+    let proxy = Proxy::start(&redis, &["--threads", "1"]);
+    let mut direct = RawConn::connect(redis.port);
+    assert_eq!(text(&direct.call(&["CONFIG", "SET", "lua-time-limit", "10"])), "+OK\r\n");
+    let mut busy = proxy.raw();
+    assert_eq!(text(&busy.call(&["SELECT", "9"])), "+OK\r\n");
+    busy.send_cmd(&["EVAL", "while true do end", "0"]);
+    // Redis answers -BUSY to everyone once the script is past lua-time-limit.
+    assert!(
+        wait_until(Duration::from_secs(5), || text(&direct.call(&["PING"])).starts_with("-BUSY")),
+        "the script never started"
+    );
+    let mut killer = proxy.raw();
+    assert_eq!(text(&killer.call(&["SELECT", "9"])), "+OK\r\n");
+    killer.send_cmd(&["SCRIPT", "KILL"]);
+    let reply = killer.read_reply(Duration::from_secs(3)).map(|r| text(&r));
+    assert_eq!(reply.as_deref(), Ok("+OK\r\n"), "SCRIPT KILL must reach Redis while the script runs");
+    let killed = text(&busy.read_reply(Duration::from_secs(3)).expect("the script's client gets its reply"));
+    assert!(killed.starts_with("-ERR Script killed by user"), "{killed:?}");
+    // Both clients go on as before, in their database.
+    assert_eq!(text(&killer.call(&["SET", "sk:k", "v"])), "+OK\r\n");
+    assert_eq!(text(&busy.call(&["GET", "sk:k"])), "$1\r\nv\r\n");
+    assert_eq!(text(&direct.call(&["EXISTS", "sk:k"])), ":0\r\n", "the key is in database 9, not 0");
+}

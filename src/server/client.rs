@@ -260,7 +260,10 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
             }
             let req = match held.take() {
                 Some(r) => r,
-                None => match parser.parse(&mut buf) {
+                None => match {
+                    parser.set_unauthenticated(!client.session.borrow().authed);
+                    parser.parse(&mut buf)
+                } {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(e) => {
@@ -348,7 +351,10 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 *dedicated = None;
             }
             if dedicated.is_none() {
-                match open_dedicated(client, db, proto).await {
+                // A database-independent command (SCRIPT KILL) must not depend on a SELECT,
+                // which Redis refuses while a script runs.
+                let open_db = if f.any_db { 0 } else { db };
+                match open_dedicated(client, open_db, proto).await {
                     Ok(d) => *dedicated = Some(d),
                     Err(e) => {
                         let seq = client.push_pending(Some(f.tag), f.discard);
@@ -362,7 +368,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let Some(d) = dedicated.as_mut() else { return };
             let mut frames = BytesMut::new();
             // Bring a reused connection to the client's database and protocol.
-            if d.db != f.db {
+            if d.db != f.db && !f.any_db {
                 frames.extend_from_slice(
                     &crate::resp::Request::from_args(&[b"SELECT".as_slice(), f.db.to_string().as_bytes()]).frame,
                 );
@@ -393,7 +399,9 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 d.link.alive.set(false);
             }
             // A SELECT sent by the client itself moves the dedicated connection too.
-            d.db = client.session.borrow().db;
+            if !f.any_db {
+                d.db = client.session.borrow().db;
+            }
         }
     }
 }
