@@ -70,6 +70,9 @@ pub struct Forward {
     /// connection opened for it is left in database 0, because Redis refuses SELECT while a
     /// script is running, which is exactly when these are sent.
     pub any_db: bool,
+    /// Redis runs it even while a script is busy (MULTI, WATCH, ...): a SELECT sent in front
+    /// of it could fail (BUSY) while it succeeds, leaving it in the wrong database.
+    pub allow_busy: bool,
 }
 
 /// The decision for one request.
@@ -520,6 +523,7 @@ impl Session {
             discard,
             is_write: command::is_write(def),
             any_db: false,
+            allow_busy: def.is_some_and(|d| d.flags & command::F_ALLOW_BUSY != 0),
         })
     }
 

@@ -383,3 +383,28 @@ fn script_kill_stops_a_runaway_script_sent_through_the_same_lane() {
     assert_eq!(text(&busy.call(&["GET", "sk:k"])), "$1\r\nv\r\n");
     assert_eq!(text(&direct.call(&["EXISTS", "sk:k"])), ":0\r\n", "the key is in database 9, not 0");
 }
+
+/// A client's first blocking command goes out on a spare connection with its SELECT in the
+/// same write; spare connections are replaced when Redis restarts.
+#[test]
+fn first_blocking_pop_in_another_database_and_after_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let proxy = Proxy::start(&redis, &["--threads", "1"]);
+    for round in 0..2 {
+        let mut direct = RawConn::connect(redis.port);
+        direct.call(&["SELECT", "5"]);
+        direct.call(&["RPUSH", "warm:list", &format!("v{round}")]);
+        let mut c = proxy.raw();
+        assert_eq!(&c.call(&["SELECT", "5"])[..], b"+OK\r\n");
+        let r = c.call(&["BLPOP", "warm:list", "2"]);
+        let expected = format!("*2\r\n$9\r\nwarm:list\r\n$2\r\nv{round}\r\n");
+        assert_eq!(text(&r), expected, "round {round}");
+        if round == 0 {
+            redis.kill();
+            redis.restart();
+            // Wait until the proxy serves again (its lanes reconnect).
+            let mut probe = proxy.raw();
+            assert!(wait_until(Duration::from_secs(10), || probe.call(&["GET", "x"]).starts_with(b"$-1")));
+        }
+    }
+}

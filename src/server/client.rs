@@ -220,8 +220,9 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
 /// What a dedicated connection owes: one entry per request sent, in order.
 #[derive(Clone, Copy)]
 enum Owed {
-    /// A setup command (SELECT/HELLO) whose reply nobody wants.
-    Discard,
+    /// A SELECT/HELLO the proxy sent in front of a command: its reply goes to nobody, but
+    /// if it failed the connection is no longer where the proxy thinks, and is retired.
+    Setup,
     /// The reply to the client's request `seq`; blocking ones may legitimately take long.
     Reply { seq: u64, blocking: bool },
 }
@@ -233,6 +234,9 @@ struct DedicatedLink {
     alive: Cell<bool>,
     replies_seen: Cell<u64>,
     stalled: Signal,
+    /// The client has replaced this connection: when it ends, the client's state (which
+    /// now belongs to the new one) must not be touched.
+    retired: Cell<bool>,
 }
 
 /// The client's dedicated upstream connection (write side; a task reads the replies).
@@ -258,12 +262,10 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
             if client.backpressured() {
                 break;
             }
+            parser.set_unauthenticated(!client.session.borrow().authed);
             let req = match held.take() {
                 Some(r) => r,
-                None => match {
-                    parser.set_unauthenticated(!client.session.borrow().authed);
-                    parser.parse(&mut buf)
-                } {
+                None => match parser.parse(&mut buf) {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(e) => {
@@ -347,8 +349,23 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 let s = client.session.borrow();
                 (s.db, s.proto)
             };
-            if dedicated.as_ref().is_some_and(|d| !d.link.alive.get()) {
-                *dedicated = None;
+            if let Some(dead) = dedicated.take_if(|d| !d.link.alive.get()) {
+                // Close it so that its reader task sees EOF and ends.
+                dead.link.retired.set(true);
+                monoio::spawn(async move {
+                    let mut wr = dead.wr;
+                    let _ = wr.shutdown().await;
+                });
+            }
+            if dedicated.is_none() {
+                // A spare connection in db 0 goes out with no round trip; SELECT and HELLO are
+                // then sent in the same write as the command. Not for a command Redis runs
+                // while busy in another database (the SELECT could fail and it would not).
+                let warm = if f.db == 0 || f.any_db || !f.allow_busy { core.warm.borrow_mut().pop() } else { None };
+                if let Some(w) = warm {
+                    core.warm_refill.notify();
+                    *dedicated = Some(adopt_dedicated(client, w, 0, 2));
+                }
             }
             if dedicated.is_none() {
                 // A database-independent command (SCRIPT KILL) must not depend on a SELECT,
@@ -372,14 +389,14 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 frames.extend_from_slice(
                     &crate::resp::Request::from_args(&[b"SELECT".as_slice(), f.db.to_string().as_bytes()]).frame,
                 );
-                d.link.owed.borrow_mut().push_back(Owed::Discard);
+                d.link.owed.borrow_mut().push_back(Owed::Setup);
                 d.db = f.db;
             }
             if d.proto != proto {
                 frames.extend_from_slice(
                     &crate::resp::Request::from_args(&[b"HELLO".as_slice(), proto.to_string().as_bytes()]).frame,
                 );
-                d.link.owed.borrow_mut().push_back(Owed::Discard);
+                d.link.owed.borrow_mut().push_back(Owed::Setup);
                 d.proto = proto;
             }
             if f.dedicated == DedicatedUse::Raw {
@@ -412,22 +429,73 @@ async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedic
     // CLIENT TRACKING REDIRECT / CLIENT UNBLOCK by the id the proxy gave it.
     let timeout = client.core.shared.cfg.redis.connect_timeout_ms;
     let replies = roundtrip(&mut stream, &[vec![b"CLIENT".to_vec(), b"ID".to_vec()]], timeout).await?;
-    if let Some(id) = replies.first().and_then(|r| r.strip_prefix(b":")).and_then(|r| r.strip_suffix(b"\r\n")) {
-        if let Some(id) = crate::resp::parse_int(id).filter(|&i| i > 0) {
-            client.core.shared.upstream_ids.set(client.id, Some(id as u64));
-        }
-    }
-    let (rd, wr) = stream.into_split();
+    let upstream_id = replies.first().and_then(|r| parse_integer_reply(r));
+    Ok(adopt_dedicated(client, WarmConn { stream, upstream_id }, db, proto))
+}
+
+/// A connected, authenticated upstream connection not yet given to a client.
+pub(crate) struct WarmConn {
+    stream: TcpStream,
+    /// Redis's id for it (`CLIENT ID`).
+    upstream_id: Option<u64>,
+}
+
+/// Make `conn` the client's dedicated connection: start its reader and stall watch.
+fn adopt_dedicated(client: &Rc<Client>, conn: WarmConn, db: u32, proto: u8) -> Dedicated {
+    client.core.shared.upstream_ids.set(client.id, conn.upstream_id);
+    let (rd, wr) = conn.stream.into_split();
     let link = Rc::new(DedicatedLink {
         owed: RefCell::new(VecDeque::new()),
         alive: Cell::new(true),
         replies_seen: Cell::new(0),
         stalled: Signal::default(),
+        retired: Cell::new(false),
     });
     monoio::spawn(dedicated_reader(client.clone(), rd, link.clone()));
     let limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     monoio::spawn(dedicated_stall_watch(link.clone(), limit));
-    Ok(Dedicated { wr, link, db, proto })
+    Dedicated { wr, link, db, proto }
+}
+
+/// Spare dedicated connections kept per core.
+const WARM_TARGET: usize = 2;
+
+/// Keep `WARM_TARGET` spare connections ready on this core; refill when one is taken.
+pub(crate) async fn keep_warm(core: Rc<Core>) {
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        if core.shared.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
+        if core.warm.borrow().len() >= WARM_TARGET {
+            core.warm_refill.wait().await;
+            continue;
+        }
+        match connect_upstream(&core, 2, 0).await {
+            Ok(mut stream) => {
+                let timeout = core.shared.cfg.redis.connect_timeout_ms;
+                match roundtrip(&mut stream, &[vec![b"CLIENT".to_vec(), b"ID".to_vec()]], timeout).await {
+                    Ok(replies) => {
+                        let upstream_id = replies.first().and_then(|r| parse_integer_reply(r));
+                        core.warm.borrow_mut().push(WarmConn { stream, upstream_id });
+                        backoff = std::time::Duration::from_millis(50);
+                    }
+                    Err(_) => monoio::time::sleep(backoff).await,
+                }
+            }
+            Err(_) => {
+                // Redis is down: the lanes report it; retry quietly.
+                monoio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// `:<n>\r\n` → n (positive).
+fn parse_integer_reply(r: &[u8]) -> Option<u64> {
+    let digits = r.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
+    crate::resp::parse_int(digits).filter(|&i| i > 0).map(|i| i as u64)
 }
 
 /// Like the lanes' stall detector, for the dedicated connection: when a non-blocking
@@ -439,7 +507,7 @@ async fn dedicated_stall_watch(link: Rc<DedicatedLink>, limit: std::time::Durati
     let mut since = std::time::Instant::now();
     while link.alive.get() {
         monoio::time::sleep(tick).await;
-        let waiting = matches!(link.owed.borrow().front(), Some(Owed::Discard | Owed::Reply { blocking: false, .. }));
+        let waiting = matches!(link.owed.borrow().front(), Some(Owed::Setup | Owed::Reply { blocking: false, .. }));
         let seen = link.replies_seen.get();
         if !waiting || seen != last_seen {
             last_seen = seen;
@@ -480,7 +548,16 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
                     let next = link.owed.borrow_mut().pop_front();
                     match next {
                         Some(Owed::Reply { seq, .. }) => client.fill(seq, reply),
-                        Some(Owed::Discard) => {}
+                        Some(Owed::Setup) => {
+                            if resp::is_error(&reply) {
+                                warn!(
+                                    client = client.id,
+                                    "dedicated connection set-up failed: {}",
+                                    String::from_utf8_lossy(&reply).trim()
+                                );
+                                link.alive.set(false);
+                            }
+                        }
                         None => {
                             if client.session.borrow().is_raw() {
                                 client.push_unsolicited(reply);
@@ -496,7 +573,10 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
         }
     };
     link.alive.set(false);
-    client.core.shared.upstream_ids.set(client.id, None);
+    let retired = link.retired.get();
+    if !retired {
+        client.core.shared.upstream_ids.set(client.id, None);
+    }
     let was_raw = client.session.borrow().is_raw();
     let pending: Vec<u64> = link
         .owed
@@ -504,7 +584,7 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
         .drain(..)
         .filter_map(|o| match o {
             Owed::Reply { seq, .. } => Some(seq),
-            Owed::Discard => None,
+            Owed::Setup => None,
         })
         .collect();
     if !pending.is_empty() || was_raw {
@@ -514,8 +594,10 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
     for seq in pending {
         client.fill(seq, err.clone());
     }
-    client.session.borrow_mut().dedicated_lost();
-    if was_raw && !client.closing.get() {
+    if !retired {
+        client.session.borrow_mut().dedicated_lost();
+    }
+    if was_raw && !retired && !client.closing.get() {
         // A subscriber whose upstream connection died has lost its subscriptions: close it
         // so it reconnects and subscribes again, as it would if Redis itself had restarted.
         client.begin_close();

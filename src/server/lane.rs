@@ -299,6 +299,9 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     st.current.clear();
                 }
                 warn!(core = core.idx, proto = lane.proto, "connection to Redis at {} lost: {reason}", cfg.address);
+                // Spare connections are likely dead too (Redis restarted): make new ones.
+                core.warm.borrow_mut().clear();
+                core.warm_refill.notify();
                 lane.fail_all(&format!("connection to Redis at {} failed: {reason}", cfg.address));
                 continue;
             }

@@ -74,6 +74,11 @@ pub(crate) struct Core {
     pub lanes: [Rc<lane::Lane>; 2],
     pub clients: RefCell<HashMap<u64, Weak<client::Client>>>,
     pub shutdown: Signal,
+    /// Connected, authenticated RESP2 connections in database 0, ready to become a client's
+    /// dedicated connection without a connect round trip (so a client's first BLPOP reaches
+    /// Redis before commands other clients send after it).
+    pub warm: RefCell<Vec<client::WarmConn>>,
+    pub warm_refill: Signal,
 }
 
 impl Core {
@@ -282,11 +287,14 @@ async fn core_main(
         lanes: [lane::Lane::new(weak.clone(), 2), lane::Lane::new(weak.clone(), 3)],
         clients: RefCell::new(HashMap::new()),
         shutdown: Signal::default(),
+        warm: RefCell::new(Vec::new()),
+        warm_refill: Signal::default(),
     });
     for l in &core.lanes {
         monoio::spawn(lane::run(l.clone()));
     }
     monoio::spawn(inbox_loop(core.clone(), inbox));
+    monoio::spawn(client::keep_warm(core.clone()));
     let _ = ready.send(Ok(()));
 
     loop {
