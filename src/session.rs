@@ -75,6 +75,74 @@ pub struct Forward {
     pub allow_busy: bool,
 }
 
+/// What CLIENT LIST shows of a client; published by the shell to a registry all cores read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub core: usize,
+    pub peer: String,
+    pub local: String,
+    pub name: Option<Bytes>,
+    pub db: u32,
+    pub proto: u8,
+    /// Redis's CLIENT LIST flags: `N` normal, `x` in MULTI, `P` pub/sub or MONITOR.
+    pub flags: char,
+}
+
+impl ClientInfo {
+    /// One line of CLIENT LIST / CLIENT INFO, in Redis's format.
+    pub fn line(&self) -> String {
+        let name = self.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
+        format!(
+            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|list user=default redir=-1 resp={}\n",
+            self.id,
+            self.peer,
+            self.local,
+            name,
+            self.flags,
+            self.db,
+            if self.flags == 'x' { 0 } else { -1 },
+            self.proto
+        )
+    }
+}
+
+/// Which clients a CLIENT KILL names (Redis's filters; all given must match).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KillFilter {
+    pub id: Option<u64>,
+    pub addr: Option<String>,
+    pub laddr: Option<String>,
+    /// `normal` or `pubsub` (`master`/`replica` match nobody behind a proxy).
+    pub kind: Option<String>,
+    pub skip_me: bool,
+    /// The old `CLIENT KILL addr:port` form: answers +OK or an error instead of a count.
+    pub legacy: bool,
+}
+
+impl KillFilter {
+    /// Whether `c` matches (the caller applies `skip_me`).
+    pub fn matches(&self, c: &ClientInfo) -> bool {
+        self.id.is_none_or(|id| id == c.id)
+            && self.addr.as_ref().is_none_or(|a| *a == c.peer)
+            && self.laddr.as_ref().is_none_or(|a| *a == c.local)
+            && self.kind.as_ref().is_none_or(|k| match k.as_str() {
+                "normal" => c.flags != 'P',
+                "pubsub" => c.flags == 'P',
+                _ => false,
+            })
+    }
+}
+
+/// Commands about other clients, which the shell answers from the registry of all cores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientQuery {
+    /// CLIENT LIST [TYPE t] [ID id ...].
+    List { ids: Option<Vec<u64>>, kind: Option<String> },
+    /// CLIENT KILL ...
+    Kill(KillFilter),
+}
+
 /// The decision for one request.
 #[derive(Debug)]
 pub enum Action {
@@ -91,6 +159,8 @@ pub enum Action {
     /// Cannot go yet without overtaking an in-flight command: offer it again after the next
     /// completion.
     Wait,
+    /// CLIENT LIST / CLIENT KILL: answered by the shell from the registry of all clients.
+    Clients(ClientQuery),
 }
 
 /// The refused commands, resolved once to table entries so the per-request check is a
@@ -638,8 +708,15 @@ impl Session {
                         b"on" | b"off" => resp::simple("OK"),
                         _ => resp::error("ERR syntax error"),
                     },
-                    b"info" => resp::bulk(self.client_info_line().as_bytes()),
-                    b"list" if req.len() == 2 => resp::bulk(self.client_info_line().as_bytes()),
+                    b"info" => resp::bulk(self.info().line().as_bytes()),
+                    b"list" => match parse_client_list(req) {
+                        Ok(q) => return Some(Action::Clients(q)),
+                        Err(e) => e,
+                    },
+                    b"kill" => match parse_client_kill(req) {
+                        Ok(q) => return Some(Action::Clients(q)),
+                        Err(e) => e,
+                    },
                     b"reply" if req.len() == 3 => {
                         let mode = req.arg(2).to_ascii_lowercase();
                         match mode.as_slice() {
@@ -773,27 +850,111 @@ impl Session {
         out.freeze()
     }
 
-    fn client_info_line(&self) -> String {
-        let name = self.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
-        let flags = if self.in_multi {
-            "x"
-        } else if self.raw {
-            "P"
-        } else {
-            "N"
-        };
-        format!(
-            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user=default redir=-1 resp={}\n",
-            self.id,
-            self.peer,
-            self.local,
-            name,
-            flags,
-            self.db,
-            if self.in_multi { 0 } else { -1 },
-            self.proto
-        )
+    /// What CLIENT LIST shows of this client.
+    pub fn info(&self) -> ClientInfo {
+        ClientInfo {
+            id: self.id,
+            core: self.core,
+            peer: self.peer.clone(),
+            local: self.local.clone(),
+            name: self.name.clone(),
+            db: self.db,
+            proto: self.proto,
+            flags: if self.in_multi {
+                'x'
+            } else if self.raw {
+                'P'
+            } else {
+                'N'
+            },
+        }
     }
+
+    /// Whether `info` (published earlier) still describes this client.
+    pub fn info_matches(&self, info: &ClientInfo) -> bool {
+        info.db == self.db
+            && info.proto == self.proto
+            && info.name == self.name
+            && info.flags
+                == if self.in_multi {
+                    'x'
+                } else if self.raw {
+                    'P'
+                } else {
+                    'N'
+                }
+    }
+}
+
+/// CLIENT LIST [TYPE normal|pubsub|master|replica] [ID id [id ...]].
+fn parse_client_list(req: &Request) -> Result<ClientQuery, Bytes> {
+    let mut ids = None;
+    let mut kind = None;
+    let mut i = 2;
+    while i < req.len() {
+        let opt = req.arg(i).to_ascii_lowercase();
+        if opt == b"type" && i + 1 < req.len() {
+            let t = String::from_utf8_lossy(req.arg(i + 1)).to_ascii_lowercase();
+            if !matches!(t.as_str(), "normal" | "pubsub" | "master" | "replica" | "slave") {
+                return Err(resp::error(&format!("ERR Unknown client type '{t}'")));
+            }
+            kind = Some(t);
+            i += 2;
+        } else if opt == b"id" && i + 1 < req.len() {
+            let mut list = Vec::new();
+            for a in req.args().skip(i + 1) {
+                match parse_int(a) {
+                    Some(v) if v > 0 => list.push(v as u64),
+                    _ => return Err(resp::error("ERR Invalid client ID")),
+                }
+            }
+            ids = Some(list);
+            i = req.len();
+        } else {
+            return Err(resp::error("ERR syntax error"));
+        }
+    }
+    Ok(ClientQuery::List { ids, kind })
+}
+
+/// CLIENT KILL addr:port | CLIENT KILL [ID id] [ADDR a] [LADDR a] [TYPE t] [USER u] [SKIPME yes|no].
+fn parse_client_kill(req: &Request) -> Result<ClientQuery, Bytes> {
+    if req.len() == 3 {
+        let addr = String::from_utf8_lossy(req.arg(2)).into_owned();
+        return Ok(ClientQuery::Kill(KillFilter { addr: Some(addr), legacy: true, ..KillFilter::default() }));
+    }
+    if req.len() < 4 || req.len() % 2 != 0 {
+        return Err(resp::error("ERR syntax error"));
+    }
+    let mut f = KillFilter { skip_me: true, ..KillFilter::default() };
+    for i in (2..req.len()).step_by(2) {
+        let value = String::from_utf8_lossy(req.arg(i + 1)).into_owned();
+        match req.arg(i).to_ascii_lowercase().as_slice() {
+            b"id" => match parse_int(req.arg(i + 1)) {
+                Some(v) if v > 0 => f.id = Some(v as u64),
+                _ => return Err(resp::error("ERR client-id should be greater than 0")),
+            },
+            b"addr" => f.addr = Some(value),
+            b"laddr" => f.laddr = Some(value),
+            b"type" => {
+                let t = value.to_ascii_lowercase();
+                if !matches!(t.as_str(), "normal" | "pubsub" | "master" | "replica" | "slave") {
+                    return Err(resp::error(&format!("ERR Unknown client type '{value}'")));
+                }
+                f.kind = Some(t);
+            }
+            // Every client of the proxy is the default user.
+            b"user" if value == "default" => {}
+            b"user" => return Err(resp::error(&format!("ERR No such user '{value}'"))),
+            b"skipme" => match value.to_ascii_lowercase().as_str() {
+                "yes" => f.skip_me = true,
+                "no" => f.skip_me = false,
+                _ => return Err(resp::error("ERR syntax error")),
+            },
+            _ => return Err(resp::error("ERR syntax error")),
+        }
+    }
+    Ok(ClientQuery::Kill(f))
 }
 
 /// `CONFIG SET ... requirepass ...` (any position among the parameter/value pairs).

@@ -138,3 +138,37 @@ fn pushes_redirected_onto_shared_connections_never_become_replies() {
     }
     assert!(!proxy.log_text().contains("nobody asked for"), "a push reset a shared connection:\n{}", proxy.log_text());
 }
+
+#[test]
+fn client_list_and_kill_see_every_client_of_every_core() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis, &["--threads", "2"]);
+    let mut admin = proxy.raw();
+    let mut victims: Vec<(i64, RawConn)> = (0..4)
+        .map(|i| {
+            let mut c = proxy.raw();
+            assert_eq!(&c.call(&["CLIENT", "SETNAME", &format!("victim{i}")])[..], b"+OK\r\n");
+            (int(&c.call(&["CLIENT", "ID"])), c)
+        })
+        .collect();
+    let list = text(&admin.call(&["CLIENT", "LIST"]));
+    for i in 0..4 {
+        assert!(list.contains(&format!("name=victim{i} ")), "CLIENT LIST misses victim{i}:\n{list}");
+    }
+    let only = text(&admin.call(&["CLIENT", "LIST", "ID", &victims[1].0.to_string()]));
+    assert!(only.contains("name=victim1 ") && !only.contains("victim2"), "{only}");
+    // Kill two clients by id (whatever core they are on); they see their connection close.
+    for k in [0, 3] {
+        let r = admin.call(&["CLIENT", "KILL", "ID", &victims[k].0.to_string()]);
+        assert_eq!(int(&r), 1, "kill victim{k}");
+        victims[k].1.expect_eof(T).unwrap_or_else(|e| panic!("victim{k} still connected: {e}"));
+    }
+    assert_eq!(&victims[1].1.call(&["PING"])[..], b"+PONG\r\n", "others unaffected");
+    assert!(wait_until(T, || !text(&admin.call(&["CLIENT", "LIST"])).contains("name=victim0 ")));
+    // The old form, by address, and its error.
+    let r = admin.call(&["CLIENT", "KILL", "127.0.0.1:1"]);
+    assert!(r.starts_with(b"-ERR No such client"), "{}", text(&r));
+    // SKIPME defaults to yes: killing by the caller's own id spares it.
+    let me = int(&admin.call(&["CLIENT", "ID"]));
+    assert_eq!(int(&admin.call(&["CLIENT", "KILL", "ID", &me.to_string()])), 0);
+}

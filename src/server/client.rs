@@ -23,7 +23,7 @@ use super::io::read_more;
 use super::lane::{connect_upstream, roundtrip, Sink};
 use super::{Core, CoreMsg, Signal};
 use crate::resp::{self, ReplySkimmer, RequestParser};
-use crate::session::{Action, DedicatedUse, Forward, Lane, Session, Tag};
+use crate::session::{Action, ClientInfo, ClientQuery, DedicatedUse, Forward, Lane, Session, Tag};
 
 /// Stop reading requests while this many reply bytes wait to be written.
 const BACKPRESSURE_BYTES: usize = 4 << 20;
@@ -59,6 +59,8 @@ pub(crate) struct Client {
     wake_reader: Signal,
     closing: Cell<bool>,
     close_signal: Signal,
+    /// What the registry (CLIENT LIST) last got from this client.
+    published: RefCell<ClientInfo>,
     /// Fired by `kill`: aborts a write blocked on a client that no longer reads, so the
     /// connection (and its `max_clients` slot) is released now, not when the peer reads.
     dead_signal: Signal,
@@ -141,7 +143,8 @@ impl Client {
         }
     }
 
-    fn kill(&self) {
+    /// Close now, dropping whatever is owed (output limit, CLIENT KILL).
+    pub fn kill(&self) {
         {
             let mut out = self.out.borrow_mut();
             out.dead = true;
@@ -172,6 +175,76 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Update the registry when name, database, protocol or mode changed.
+    fn publish_info(&self) {
+        let session = self.session.borrow();
+        if session.info_matches(&self.published.borrow()) {
+            return;
+        }
+        let info = session.info();
+        if let Ok(mut reg) = self.core.shared.registry.lock() {
+            reg.insert(self.id, info.clone());
+        }
+        *self.published.borrow_mut() = info;
+    }
+}
+
+/// Answer CLIENT LIST / CLIENT KILL from the registry of every core's clients. Returns true
+/// when the client killed itself (it gets the reply, then the connection closes).
+fn clients_query(client: &Rc<Client>, q: ClientQuery) -> bool {
+    let shared = &client.core.shared;
+    let infos: Vec<ClientInfo> = match shared.registry.lock() {
+        Ok(reg) => reg.values().cloned().collect(),
+        Err(_) => Vec::new(),
+    };
+    match q {
+        ClientQuery::List { ids, kind } => {
+            let mut shown: Vec<&ClientInfo> = infos
+                .iter()
+                .filter(|c| ids.as_ref().is_none_or(|ids| ids.contains(&c.id)))
+                .filter(|c| match kind.as_deref() {
+                    None => true,
+                    Some("normal") => c.flags != 'P',
+                    Some("pubsub") => c.flags == 'P',
+                    Some(_) => false,
+                })
+                .collect();
+            shown.sort_by_key(|c| c.id);
+            let text: String = shown.iter().map(|c| c.line()).collect();
+            client.push_local(resp::bulk(text.as_bytes()));
+            false
+        }
+        ClientQuery::Kill(filter) => {
+            let mut killed = 0;
+            let mut me = false;
+            for c in infos.iter().filter(|c| filter.matches(c)) {
+                if c.id == client.id {
+                    if filter.skip_me && !filter.legacy {
+                        continue;
+                    }
+                    me = true;
+                } else if c.core == client.core.idx {
+                    let other = client.core.clients.borrow().get(&c.id).and_then(std::rc::Weak::upgrade);
+                    if let Some(other) = other {
+                        other.kill();
+                    }
+                } else if let Some(tx) = shared.inboxes.get(c.core) {
+                    let _ = tx.try_send(CoreMsg::Kill { client: c.id });
+                }
+                killed += 1;
+            }
+            let reply = match (filter.legacy, killed) {
+                (true, 0) => resp::error("ERR No such client"),
+                (true, _) => resp::simple("OK"),
+                (false, n) => resp::int(n),
+            };
+            client.push_local(reply);
+            me
+        }
+    }
+}
+
 /// Take a newly accepted connection: enforce `max_clients`, then start its tasks.
 pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     let shared = &core.shared;
@@ -192,9 +265,14 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         let env = core.env.borrow();
         Session::new(id, core.idx, &env, peer.to_string(), local)
     };
+    let info = session.info();
+    if let Ok(mut reg) = shared.registry.lock() {
+        reg.insert(id, info.clone());
+    }
     let client = Rc::new(Client {
         id,
         core: core.clone(),
+        published: RefCell::new(info),
         session: RefCell::new(session),
         out: RefCell::new(ClientOut::default()),
         wake_writer: Signal::default(),
@@ -212,6 +290,9 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         let _ = writer.await;
         client.kill();
         core.clients.borrow_mut().remove(&client.id);
+        if let Ok(mut reg) = core.shared.registry.lock() {
+            reg.remove(&client.id);
+        }
         core.shared.clients.fetch_sub(1, Ordering::AcqRel);
         debug!(client = client.id, "client closed");
     });
@@ -278,6 +359,7 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                 let env = client.core.env.borrow();
                 client.session.borrow_mut().on_request(&req, &env)
             };
+            client.publish_info();
             match action {
                 Action::Wait => {
                     held = Some(req);
@@ -296,6 +378,11 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     client.push_local(r);
                 }
                 Action::Forward(f) => dispatch(&client, f, &mut dedicated).await,
+                Action::Clients(q) => {
+                    if clients_query(&client, q) {
+                        break 'conn;
+                    }
+                }
             }
         }
         if held.is_some() || client.backpressured() {

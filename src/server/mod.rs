@@ -50,6 +50,8 @@ pub(crate) enum CoreMsg {
     Request { from: usize, client: u64, seq: u64, db: u32, proto: u8, frame: Bytes },
     /// The reply to a request forwarded by this core.
     Reply { client: u64, seq: u64, reply: Bytes },
+    /// CLIENT KILL from a client of another core.
+    Kill { client: u64 },
     /// Stop accepting, finish in-flight commands.
     Shutdown,
 }
@@ -63,6 +65,9 @@ pub(crate) struct Shared {
     pub shutting_down: AtomicBool,
     pub driver_name: std::sync::OnceLock<&'static str>,
     pub upstream_ids: crate::session::UpstreamIds,
+    /// Every client of every core, as CLIENT LIST shows it. Locked on connect, disconnect,
+    /// a change of name/db/mode, and CLIENT LIST/KILL: never per ordinary command.
+    pub registry: std::sync::Mutex<HashMap<u64, crate::session::ClientInfo>>,
 }
 
 /// One core's state, owned by its runtime thread.
@@ -129,6 +134,7 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             driver_name: std::sync::OnceLock::new(),
             upstream_ids: Default::default(),
+            registry: Default::default(),
         });
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartError>>(n);
         let mut threads = Vec::with_capacity(n);
@@ -340,6 +346,12 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<CoreMsg>) {
                 let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
                 if let Some(c) = c {
                     c.fill(seq, reply);
+                }
+            }
+            CoreMsg::Kill { client } => {
+                let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
+                if let Some(c) = c {
+                    c.kill();
                 }
             }
             CoreMsg::Shutdown => core.shutdown.notify(),
