@@ -509,26 +509,10 @@ impl ReplySkimmer {
     }
 }
 
+/// Append the decimal form of `v`, without allocating (i64::MIN needs all 20 bytes).
 fn push_decimal(out: &mut BytesMut, v: i64) {
-    let mut b = itoa_buf(v);
-    out.put_slice(b.as_slice());
-}
-
-struct Itoa {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Itoa {
-    fn as_slice(&mut self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-fn itoa_buf(v: i64) -> Itoa {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
-    let neg = v < 0;
     let mut u = v.unsigned_abs();
     loop {
         i -= 1;
@@ -538,11 +522,11 @@ fn itoa_buf(v: i64) -> Itoa {
             break;
         }
     }
-    if neg {
+    if v < 0 {
         i -= 1;
         buf[i] = b'-';
     }
-    Itoa { buf, start: i }
+    out.put_slice(&buf[i..]);
 }
 
 /// Append `*n\r\n`.
@@ -663,6 +647,13 @@ mod tests {
         p.set_unauthenticated(false);
         let mut ok = BytesMut::from(&b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n"[..]);
         assert!(p.parse(&mut ok).unwrap().is_some());
+    }
+
+    #[test]
+    fn integers_encode_like_redis() {
+        for v in [0, 7, -1, 1234567890, i64::MAX, i64::MIN] {
+            assert_eq!(&int(v)[..], format!(":{v}\r\n").as_bytes());
+        }
     }
 
     #[test]
