@@ -87,6 +87,9 @@ pub struct ClientInfo {
     pub proto: u8,
     /// Redis's CLIENT LIST flags: `N` normal, `x` in MULTI, `P` pub/sub or MONITOR.
     pub flags: char,
+    /// The last command (`get`, `client|info`); in the registry, the last one that changed
+    /// what CLIENT LIST shows (updating it for every command would lock per command).
+    pub cmd: (&'static str, Option<&'static str>),
 }
 
 impl ClientInfo {
@@ -94,7 +97,7 @@ impl ClientInfo {
     pub fn line(&self) -> String {
         let name = self.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
         format!(
-            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|list user=default redir=-1 resp={}\n",
+            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={}{}{} user=default redir=-1 resp={}\n",
             self.id,
             self.peer,
             self.local,
@@ -102,6 +105,9 @@ impl ClientInfo {
             self.flags,
             self.db,
             if self.flags == 'x' { 0 } else { -1 },
+            self.cmd.0,
+            if self.cmd.1.is_some() { "|" } else { "" },
+            self.cmd.1.unwrap_or(""),
             self.proto
         )
     }
@@ -265,6 +271,8 @@ pub struct Session {
     /// CLIENT TRACKING was turned on: invalidations arrive on the dedicated connection, so
     /// every forwarded command stays there (replies still matched one per request).
     tracking: bool,
+    /// The command being handled (top-level name, subcommand name).
+    cmd: (&'static str, Option<&'static str>),
     inflight: Inflight,
 }
 
@@ -363,6 +371,7 @@ impl Session {
             watching: false,
             raw: false,
             tracking: false,
+            cmd: ("NULL", None),
             inflight: Inflight::default(),
         }
     }
@@ -414,6 +423,9 @@ impl Session {
             Some((t, d)) => (Some(t), Some(d)),
             None => (None, None),
         };
+        if let Some(t) = top {
+            self.cmd = (t.name, def.filter(|d| !std::ptr::eq(*d, t)).map(|d| d.name));
+        }
 
         if !self.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
             return self.local_reply(resp::error("NOAUTH Authentication required."));
@@ -867,6 +879,7 @@ impl Session {
             } else {
                 'N'
             },
+            cmd: self.cmd,
         }
     }
 
@@ -919,6 +932,9 @@ fn parse_client_list(req: &Request) -> Result<ClientQuery, Bytes> {
 
 /// CLIENT KILL addr:port | CLIENT KILL [ID id] [ADDR a] [LADDR a] [TYPE t] [USER u] [SKIPME yes|no].
 fn parse_client_kill(req: &Request) -> Result<ClientQuery, Bytes> {
+    if req.len() < 3 {
+        return Err(wrong_args("client|kill"));
+    }
     if req.len() == 3 {
         let addr = String::from_utf8_lossy(req.arg(2)).into_owned();
         return Ok(ClientQuery::Kill(KillFilter { addr: Some(addr), legacy: true, ..KillFilter::default() }));

@@ -172,3 +172,19 @@ fn client_list_and_kill_see_every_client_of_every_core() {
     let me = int(&admin.call(&["CLIENT", "ID"]));
     assert_eq!(int(&admin.call(&["CLIENT", "KILL", "ID", &me.to_string()])), 0);
 }
+
+#[test]
+fn client_list_shows_a_subscribers_command_and_client_info_its_own() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis, &["--threads", "2"]);
+    let mut sub = proxy.raw();
+    let sub_id = int(&sub.call(&["CLIENT", "ID"]));
+    assert!(text(&sub.call(&["SUBSCRIBE", "news"])).contains("subscribe"));
+    let mut c = proxy.raw();
+    let list = text(&c.call(&["CLIENT", "LIST"]));
+    let line = list.lines().find(|l| l.starts_with(&format!("id={sub_id} "))).unwrap_or_else(|| panic!("{list}"));
+    assert!(line.contains(" flags=P ") && line.contains(" cmd=subscribe "), "{line}");
+    assert!(text(&c.call(&["CLIENT", "INFO"])).contains(" cmd=client|info "));
+    let r = c.call(&["CLIENT", "KILL"]);
+    assert_eq!(text(&r), "-ERR wrong number of arguments for 'client|kill' command\r\n");
+}

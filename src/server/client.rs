@@ -194,10 +194,15 @@ impl Client {
 /// when the client killed itself (it gets the reply, then the connection closes).
 fn clients_query(client: &Rc<Client>, q: ClientQuery) -> bool {
     let shared = &client.core.shared;
-    let infos: Vec<ClientInfo> = match shared.registry.lock() {
+    let mut infos: Vec<ClientInfo> = match shared.registry.lock() {
         Ok(reg) => reg.values().cloned().collect(),
         Err(_) => Vec::new(),
     };
+    // The caller's own entry, fresh (its current command included).
+    let me = client.session.borrow().info();
+    for c in infos.iter_mut().filter(|c| c.id == me.id) {
+        *c = me.clone();
+    }
     match q {
         ClientQuery::List { ids, kind } => {
             let mut shown: Vec<&ClientInfo> = infos
