@@ -235,7 +235,7 @@ fn clients_query(client: &Rc<Client>, q: ClientQuery) -> bool {
                         other.kill();
                     }
                 } else if let Some(tx) = shared.inboxes.get(c.core) {
-                    let _ = tx.try_send(CoreMsg::Kill { client: c.id });
+                    let _ = tx.try_send(vec![CoreMsg::Kill { client: c.id }]);
                 }
                 killed += 1;
             }
@@ -431,10 +431,10 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
         Lane::Shared(owner) => {
             let proto = client.session.borrow().proto;
             let seq = client.push_pending(Some(f.tag), f.discard);
-            let msg = CoreMsg::Request { from: core.idx, client: client.id, seq, db: f.db, proto, frame: f.frame };
-            if core.shared.inboxes[owner].try_send(msg).is_err() {
-                client.fill(seq, resp::error("ERR resplica: sequencer core unavailable (shutting down)"));
-            }
+            core.send(
+                owner,
+                CoreMsg::Request { from: core.idx, client: client.id, seq, db: f.db, proto, frame: f.frame },
+            );
         }
         Lane::Dedicated => {
             let (db, proto) = {

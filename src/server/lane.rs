@@ -114,7 +114,7 @@ impl Lane {
             Sink::Local(client, seq) => client.fill(seq, reply),
             Sink::Remote { core, client, seq } => {
                 if let Some(c) = self.core.upgrade() {
-                    let _ = c.shared.inboxes[core].try_send(CoreMsg::Reply { client, seq, reply });
+                    c.send(core, CoreMsg::Reply { client, seq, reply });
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! `command` and `session`; this module only moves bytes and keeps time.
 //!
 //! Cores talk through `CoreMsg` channels (a write whose sequencer is another core hops there
-//! and its reply hops back). No locks on the data path.
+//! and its reply hops back), batched per destination and event-loop turn. No locks on the
+//! data path.
 
 mod client;
 mod io;
@@ -61,7 +62,7 @@ pub(crate) struct Shared {
     pub cfg: Config,
     pub clients: AtomicUsize,
     pub next_client_id: AtomicU64,
-    pub inboxes: Vec<async_channel::Sender<CoreMsg>>,
+    pub inboxes: Vec<async_channel::Sender<Vec<CoreMsg>>>,
     pub shutting_down: AtomicBool,
     pub driver_name: std::sync::OnceLock<&'static str>,
     pub upstream_ids: crate::session::UpstreamIds,
@@ -84,11 +85,23 @@ pub(crate) struct Core {
     /// Redis before commands other clients send after it).
     pub warm: RefCell<Vec<client::WarmConn>>,
     pub warm_refill: Signal,
+    /// Messages for other cores, one batch per destination, sent once per event-loop turn
+    /// by `flush_outbox` (a cross-thread wake-up per batch, not per command).
+    pub outbox: RefCell<Vec<Vec<CoreMsg>>>,
+    pub outbox_ready: Signal,
 }
 
 impl Core {
     pub fn lane(&self, proto: u8) -> &Rc<lane::Lane> {
         &self.lanes[if proto >= 3 { 1 } else { 0 }]
+    }
+
+    /// Queue a message for core `dest`; it leaves with the rest of this turn's batch.
+    pub fn send(&self, dest: usize, msg: CoreMsg) {
+        if let Some(q) = self.outbox.borrow_mut().get_mut(dest) {
+            q.push(msg);
+        }
+        self.outbox_ready.notify();
     }
 }
 
@@ -103,7 +116,7 @@ impl StopHandle {
     pub fn stop(&self) {
         if !self.shared.shutting_down.swap(true, Ordering::SeqCst) {
             for tx in &self.shared.inboxes {
-                let _ = tx.try_send(CoreMsg::Shutdown);
+                let _ = tx.try_send(vec![CoreMsg::Shutdown]);
             }
         }
     }
@@ -242,7 +255,7 @@ fn build_runtime(driver: IoDriver) -> Result<(Rt, &'static str), StartError> {
 fn run_thread(
     idx: usize,
     shared: Arc<Shared>,
-    inbox: async_channel::Receiver<CoreMsg>,
+    inbox: async_channel::Receiver<Vec<CoreMsg>>,
     ready: crossbeam_channel::Sender<Result<(), StartError>>,
 ) -> Result<(), StartError> {
     let (mut rt, driver) = match build_runtime(shared.cfg.node.io_driver) {
@@ -263,7 +276,7 @@ fn run_thread(
 async fn core_main(
     idx: usize,
     shared: Arc<Shared>,
-    inbox: async_channel::Receiver<CoreMsg>,
+    inbox: async_channel::Receiver<Vec<CoreMsg>>,
     ready: crossbeam_channel::Sender<Result<(), StartError>>,
 ) -> Result<(), StartError> {
     let addr = shared.cfg.node.listen;
@@ -295,11 +308,14 @@ async fn core_main(
         shutdown: Signal::default(),
         warm: RefCell::new(Vec::new()),
         warm_refill: Signal::default(),
+        outbox: RefCell::new((0..shared.inboxes.len()).map(|_| Vec::new()).collect()),
+        outbox_ready: Signal::default(),
     });
     for l in &core.lanes {
         monoio::spawn(lane::run(l.clone()));
     }
     monoio::spawn(inbox_loop(core.clone(), inbox));
+    monoio::spawn(flush_outbox(core.clone()));
     monoio::spawn(client::keep_warm(core.clone()));
     let _ = ready.send(Ok(()));
 
@@ -333,28 +349,59 @@ async fn core_main(
     Ok(())
 }
 
-async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<CoreMsg>) {
-    while let Ok(msg) = inbox.recv().await {
-        match msg {
-            CoreMsg::Request { from, client, seq, db, proto, frame } => {
-                let sink = lane::Sink::Remote { core: from, client, seq };
-                if let Err(reply) = core.lane(proto).enqueue(db, frame, sink) {
-                    let _ = core.shared.inboxes[from].try_send(CoreMsg::Reply { client, seq, reply });
+async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>) {
+    while let Ok(batch) = inbox.recv().await {
+        for msg in batch {
+            match msg {
+                CoreMsg::Request { from, client, seq, db, proto, frame } => {
+                    let sink = lane::Sink::Remote { core: from, client, seq };
+                    if let Err(reply) = core.lane(proto).enqueue(db, frame, sink) {
+                        core.send(from, CoreMsg::Reply { client, seq, reply });
+                    }
+                }
+                CoreMsg::Reply { client, seq, reply } => {
+                    let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
+                    if let Some(c) = c {
+                        c.fill(seq, reply);
+                    }
+                }
+                CoreMsg::Kill { client } => {
+                    let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
+                    if let Some(c) = c {
+                        c.kill();
+                    }
+                }
+                CoreMsg::Shutdown => core.shutdown.notify(),
+            }
+        }
+    }
+}
+
+/// Send each destination's batch. Woken by the first message of a turn, it runs after the
+/// tasks already scheduled, so everything they queue leaves together.
+async fn flush_outbox(core: Rc<Core>) {
+    loop {
+        core.outbox_ready.wait().await;
+        let batches: Vec<(usize, Vec<CoreMsg>)> = core
+            .outbox
+            .borrow_mut()
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(dest, q)| (dest, std::mem::take(q)))
+            .collect();
+        for (dest, batch) in batches {
+            if let Err(failed) = core.shared.inboxes[dest].try_send(batch) {
+                // The destination is gone (shutting down): answer our own clients' requests.
+                for msg in failed.into_inner() {
+                    if let CoreMsg::Request { client, seq, .. } = msg {
+                        let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
+                        if let Some(c) = c {
+                            c.fill(seq, crate::resp::error("ERR resplica: sequencer core unavailable (shutting down)"));
+                        }
+                    }
                 }
             }
-            CoreMsg::Reply { client, seq, reply } => {
-                let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
-                if let Some(c) = c {
-                    c.fill(seq, reply);
-                }
-            }
-            CoreMsg::Kill { client } => {
-                let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
-                if let Some(c) = c {
-                    c.kill();
-                }
-            }
-            CoreMsg::Shutdown => core.shutdown.notify(),
         }
     }
 }
