@@ -1,7 +1,9 @@
 //! One client connection's state and the decision, for each request, of what happens to it:
 //! answered by the proxy itself (PING, AUTH, SELECT, HELLO, CLIENT SETNAME, ...), refused,
-//! forwarded on a shared pipelined upstream connection ("lane"), or forwarded on the client's
-//! own dedicated upstream connection (transactions, blocking commands, pub/sub, MONITOR).
+//! answered by the shell from all cores' clients (CLIENT LIST/KILL), forwarded on a shared
+//! pipelined upstream connection ("lane"), or forwarded on the client's own dedicated
+//! upstream connection (transactions, blocking commands, pub/sub, MONITOR, client tracking,
+//! SCRIPT KILL).
 //!
 //! It also keeps the client's ordering promise (DESIGN.md invariant 2) across lanes: writes go
 //! to their slot's sequencer lane when slot sequencing is on, reads to the receiving core's
@@ -65,7 +67,6 @@ pub struct Forward {
     pub dedicated: DedicatedUse,
     /// The client asked not to get this reply (CLIENT REPLY OFF/SKIP).
     pub discard: bool,
-    pub is_write: bool,
     /// The command does not depend on the database (SCRIPT KILL, FUNCTION KILL): a dedicated
     /// connection opened for it is left in database 0, because Redis refuses SELECT while a
     /// script is running, which is exactly when these are sent.
@@ -386,11 +387,6 @@ impl Session {
         self.raw
     }
 
-    /// Nothing in flight anywhere.
-    pub fn idle(&self) -> bool {
-        self.inflight.is_empty()
-    }
-
     /// A reply for a command with this tag arrived (or the command failed).
     pub fn completed(&mut self, tag: Tag, env: &SessionEnv) {
         self.inflight.remove(tag, env.slot_sequencing);
@@ -603,7 +599,6 @@ impl Session {
             db: self.db,
             dedicated,
             discard,
-            is_write: command::is_write(def),
             any_db: false,
             allow_busy: def.is_some_and(|d| d.flags & command::F_ALLOW_BUSY != 0),
         })
