@@ -286,9 +286,6 @@ impl Config {
                     .into(),
             );
         }
-        if !self.peers.is_empty() && self.replication.secret.is_empty() {
-            return bad("replication.secret", "must be set when [[peers]] are configured".into());
-        }
         if self.replication.failover_timeout_ms < 100 {
             return bad("replication.failover_timeout_ms", "must be at least 100".into());
         }

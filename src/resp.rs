@@ -592,6 +592,11 @@ pub fn null(proto: u8) -> Bytes {
     Bytes::from_static(if proto >= 3 { b"_\r\n" } else { b"$-1\r\n" })
 }
 
+/// The value of an integer reply (`:<n>\r\n`), if that is what `reply` is.
+pub fn integer_reply(reply: &[u8]) -> Option<i64> {
+    parse_int(reply.strip_prefix(b":")?.strip_suffix(b"\r\n")?)
+}
+
 /// True when a reply is an error (`-...` or RESP3 `!...` blob error).
 pub fn is_error(reply: &[u8]) -> bool {
     matches!(reply.first(), Some(b'-') | Some(b'!'))

@@ -282,7 +282,7 @@ pub struct Session {
 struct Inflight {
     /// (lane, count) for every lane with commands in flight.
     lanes: Vec<(Lane, u32)>,
-    /// Slot → (lane, count), kept only under slot sequencing.
+    /// Slot → (lane, count); only slot sequencing produces `Scope::Slot`.
     slots: HashMap<u16, (Lane, u32)>,
     /// Commands of scope `All` in flight: (lane, count).
     all: Option<(Lane, u32)>,
@@ -305,7 +305,7 @@ impl Inflight {
         self.lanes.iter().all(|(l, _)| *l == lane)
     }
 
-    fn add(&mut self, tag: Tag, track_slots: bool) {
+    fn add(&mut self, tag: Tag) {
         match self.lanes.iter_mut().find(|(l, _)| *l == tag.lane) {
             Some((_, n)) => *n += 1,
             None => self.lanes.push((tag.lane, 1)),
@@ -315,12 +315,11 @@ impl Inflight {
                 Some((_, n)) => *n += 1,
                 None => self.all = Some((tag.lane, 1)),
             },
-            Scope::Slot(s) if track_slots => self.slots.entry(s).or_insert((tag.lane, 0)).1 += 1,
-            Scope::Slot(_) => {}
+            Scope::Slot(s) => self.slots.entry(s).or_insert((tag.lane, 0)).1 += 1,
         }
     }
 
-    fn remove(&mut self, tag: Tag, track_slots: bool) {
+    fn remove(&mut self, tag: Tag) {
         if let Some(i) = self.lanes.iter().position(|(l, _)| *l == tag.lane) {
             self.lanes[i].1 -= 1;
             if self.lanes[i].1 == 0 {
@@ -336,7 +335,7 @@ impl Inflight {
                     }
                 }
             }
-            Scope::Slot(s) if track_slots => {
+            Scope::Slot(s) => {
                 if let Some(e) = self.slots.get_mut(&s) {
                     e.1 -= 1;
                     if e.1 == 0 {
@@ -344,7 +343,6 @@ impl Inflight {
                     }
                 }
             }
-            Scope::Slot(_) => {}
         }
     }
 }
@@ -388,8 +386,8 @@ impl Session {
     }
 
     /// A reply for a command with this tag arrived (or the command failed).
-    pub fn completed(&mut self, tag: Tag, env: &SessionEnv) {
-        self.inflight.remove(tag, env.slot_sequencing);
+    pub fn completed(&mut self, tag: Tag) {
+        self.inflight.remove(tag);
     }
 
     /// The dedicated connection is gone (Redis closed it): leave the states that needed it.
@@ -590,7 +588,7 @@ impl Session {
         let tag = Tag { lane, scope };
         let discard = self.take_discard();
         if dedicated != DedicatedUse::Raw {
-            self.inflight.add(tag, true);
+            self.inflight.add(tag);
         }
         Action::Forward(Forward {
             lane,
@@ -1077,9 +1075,9 @@ mod tests {
         // A keyless read cannot run elsewhere while the write is pending... it joins lane 1.
         let k = fwd(s.on_request(&req(&["DBSIZE"]), &env));
         assert_eq!(k.lane, Lane::Shared(1));
-        s.completed(w.tag, &env);
-        s.completed(r.tag, &env);
-        s.completed(k.tag, &env);
+        s.completed(w.tag);
+        s.completed(r.tag);
+        s.completed(k.tag);
         let r2 = fwd(s.on_request(&req(&["GET", &key]), &env));
         assert_eq!(r2.lane, Lane::Shared(0), "idle client reads on its own core");
     }
@@ -1092,7 +1090,7 @@ mod tests {
         let r = fwd(s.on_request(&req(&["GET", &key]), &env));
         assert_eq!(r.lane, Lane::Shared(0));
         assert!(matches!(s.on_request(&req(&["SET", &key, "v"]), &env), Action::Wait));
-        s.completed(r.tag, &env);
+        s.completed(r.tag);
         assert_eq!(fwd(s.on_request(&req(&["SET", &key, "v"]), &env)).lane, Lane::Shared(1));
     }
 
@@ -1102,7 +1100,7 @@ mod tests {
         let mut s = Session::new(1, 0, &env, "c".into(), "l".into());
         let g = fwd(s.on_request(&req(&["GET", "a"]), &env));
         assert!(matches!(s.on_request(&req(&["MULTI"]), &env), Action::Wait));
-        s.completed(g.tag, &env);
+        s.completed(g.tag);
         let m = fwd(s.on_request(&req(&["MULTI"]), &env));
         assert_eq!(m.lane, Lane::Dedicated);
         assert_eq!(fwd(s.on_request(&req(&["PING"]), &env)).lane, Lane::Dedicated, "PING is queued inside MULTI");
@@ -1124,7 +1122,7 @@ mod tests {
             assert_eq!(f.lane, Lane::Dedicated, "{cmd:?}");
             assert!(f.any_db, "{cmd:?}: must not need a SELECT");
             assert!(!s.in_dedicated_state(), "{cmd:?}: the client is not bound to the connection");
-            s.completed(f.tag, &env);
+            s.completed(f.tag);
         }
         let g = fwd(s.on_request(&req(&["SCRIPT", "FLUSH"]), &env));
         assert_eq!(g.lane, Lane::Shared(0));

@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use super::io::read_more;
 use super::lane::{connect_upstream, roundtrip, Sink};
+use super::stall::{tick_for, StallClock};
 use super::{Core, CoreMsg, Signal};
 use crate::resp::{self, ReplySkimmer, RequestParser};
 use crate::session::{Action, ClientInfo, ClientQuery, DedicatedUse, Forward, Lane, Session, Tag};
@@ -89,8 +90,7 @@ impl Client {
             tag
         };
         if let Some(tag) = tag {
-            let env = self.core.env.borrow();
-            self.session.borrow_mut().completed(tag, &env);
+            self.session.borrow_mut().completed(tag);
         }
         self.check_output_limit();
         self.wake_writer.notify();
@@ -516,13 +516,19 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
 }
 
 async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedicated, String> {
-    let mut stream = connect_upstream(&client.core, proto, db).await?;
-    // Learn Redis's id for this connection, so that other clients can name this one in
-    // CLIENT TRACKING REDIRECT / CLIENT UNBLOCK by the id the proxy gave it.
-    let timeout = client.core.shared.cfg.redis.connect_timeout_ms;
+    let conn = connect_spare(&client.core, proto, db).await?;
+    Ok(adopt_dedicated(client, conn, db, proto))
+}
+
+/// Connect and authenticate a connection for some client's exclusive use, and learn Redis's
+/// id for it, so that other clients can name its owner in CLIENT TRACKING REDIRECT / CLIENT
+/// UNBLOCK by the id the proxy gave.
+async fn connect_spare(core: &Core, proto: u8, db: u32) -> Result<WarmConn, String> {
+    let mut stream = connect_upstream(core, proto, db).await?;
+    let timeout = core.shared.cfg.redis.connect_timeout_ms;
     let replies = roundtrip(&mut stream, &[vec![b"CLIENT".to_vec(), b"ID".to_vec()]], timeout).await?;
-    let upstream_id = replies.first().and_then(|r| parse_integer_reply(r));
-    Ok(adopt_dedicated(client, WarmConn { stream, upstream_id }, db, proto))
+    let upstream_id = replies.first().and_then(|r| resp::integer_reply(r)).filter(|&i| i > 0).map(|i| i as u64);
+    Ok(WarmConn { stream, upstream_id })
 }
 
 /// A connected, authenticated upstream connection not yet given to a client.
@@ -563,17 +569,10 @@ pub(crate) async fn keep_warm(core: Rc<Core>) {
             core.warm_refill.wait().await;
             continue;
         }
-        match connect_upstream(&core, 2, 0).await {
-            Ok(mut stream) => {
-                let timeout = core.shared.cfg.redis.connect_timeout_ms;
-                match roundtrip(&mut stream, &[vec![b"CLIENT".to_vec(), b"ID".to_vec()]], timeout).await {
-                    Ok(replies) => {
-                        let upstream_id = replies.first().and_then(|r| parse_integer_reply(r));
-                        core.warm.borrow_mut().push(WarmConn { stream, upstream_id });
-                        backoff = std::time::Duration::from_millis(50);
-                    }
-                    Err(_) => monoio::time::sleep(backoff).await,
-                }
+        match connect_spare(&core, 2, 0).await {
+            Ok(conn) => {
+                core.warm.borrow_mut().push(conn);
+                backoff = std::time::Duration::from_millis(50);
             }
             Err(_) => {
                 // Redis is down: the lanes report it; retry quietly.
@@ -584,29 +583,16 @@ pub(crate) async fn keep_warm(core: Rc<Core>) {
     }
 }
 
-/// `:<n>\r\n` → n (positive).
-fn parse_integer_reply(r: &[u8]) -> Option<u64> {
-    let digits = r.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
-    crate::resp::parse_int(digits).filter(|&i| i > 0).map(|i| i as u64)
-}
-
-/// Like the lanes' stall detector, for the dedicated connection: when a non-blocking
-/// request (inside MULTI, say) waits longer than the request timeout with no reply, the
-/// connection is abandoned and the client gets an error instead of a hang.
+/// The lanes' stall detector, for the dedicated connection: when a non-blocking request
+/// (inside MULTI, say) waits longer than the request timeout with no reply, the connection is
+/// abandoned and the client gets an error instead of a hang.
 async fn dedicated_stall_watch(link: Rc<DedicatedLink>, limit: std::time::Duration) {
-    let tick = (limit / 8).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_millis(250));
-    let mut last_seen = u64::MAX;
-    let mut since = std::time::Instant::now();
+    let tick = tick_for(limit);
+    let mut clock = StallClock::default();
     while link.alive.get() {
         monoio::time::sleep(tick).await;
         let waiting = matches!(link.owed.borrow().front(), Some(Owed::Setup | Owed::Reply { blocking: false, .. }));
-        let seen = link.replies_seen.get();
-        if !waiting || seen != last_seen {
-            last_seen = seen;
-            since = std::time::Instant::now();
-            continue;
-        }
-        if since.elapsed() + tick / 2 >= limit {
+        if clock.stalled(waiting, link.replies_seen.get(), std::time::Instant::now(), limit, tick) {
             link.stalled.notify();
             return;
         }

@@ -17,6 +17,7 @@ use monoio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::io::read_more;
+use super::stall::{tick_for, StallClock};
 use super::{Core, CoreMsg, Signal};
 use crate::resp::{self, ReplySkimmer};
 
@@ -155,7 +156,6 @@ impl LaneState {
 }
 
 /// Connect, authenticate and prepare a connection to the local Redis in protocol `proto`.
-/// Returns the stream and the replies of the setup commands' trailing queries.
 pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<TcpStream, String> {
     let cfg = &core.shared.cfg.redis;
     let connect =
@@ -379,12 +379,10 @@ async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
 }
 
 /// Fail the connection when requests wait and no reply has come for longer than the request
-/// timeout: replies are matched in order, so one stalled reply stalls them all. Time is
-/// sampled per tick, not per request, to keep the clock off the hot path.
+/// timeout (see `stall`).
 async fn timeout_watch(lane: Rc<Lane>, limit: Duration) {
-    let tick = (limit / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
-    let mut last_seen = 0;
-    let mut stalled_since: Option<Instant> = None;
+    let tick = tick_for(limit);
+    let mut clock = StallClock::default();
     loop {
         monoio::time::sleep(tick).await;
         let mut st = lane.st.borrow_mut();
@@ -392,16 +390,9 @@ async fn timeout_watch(lane: Rc<Lane>, limit: Duration) {
             return;
         }
         let waiting = st.connected && st.broken.is_none() && !st.sinks.is_empty();
-        if !waiting || st.replies_seen != last_seen {
-            last_seen = st.replies_seen;
-            stalled_since = if waiting { Some(Instant::now()) } else { None };
-            continue;
-        }
-        let since = *stalled_since.get_or_insert_with(Instant::now);
-        if since.elapsed() + tick / 2 >= limit {
+        if clock.stalled(waiting, st.replies_seen, Instant::now(), limit, tick) {
             st.broken = Some(format!("Redis did not answer within {} ms", limit.as_millis()));
             drop(st);
-            stalled_since = None;
             lane.wake_conn.notify();
         }
     }

@@ -11,6 +11,7 @@ mod client;
 mod io;
 mod lane;
 mod signal;
+mod stall;
 
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
