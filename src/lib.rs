@@ -6,11 +6,14 @@
 //! - [`slot`]: key → slot (CRC16, hashtags). No I/O.
 //! - [`session`]: per-client state and the decision for each request (answer locally,
 //!   forward on a shared lane or on a dedicated connection, wait). No I/O, no clock.
+//! - [`replication`]: the pair's writer election, ordered replication streams, effects,
+//!   backlog, resync and merge. No I/O, no clock.
 //! - [`config`]: the TOML configuration with defaults and validation.
 //! - [`server`]: the thin monoio shell that runs all of the above on sockets.
 
 pub mod command;
 pub mod config;
+pub mod replication;
 pub mod resp;
 pub mod server;
 pub mod session;

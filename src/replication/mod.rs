@@ -1,0 +1,14 @@
+//! Active-active replication (DESIGN.md, "The core invariants"), without I/O:
+//! - [`membership`]: who is the writer, epochs, failover, handover, partition resolution.
+//! - [`sequencer`]: the writer's ordered streams to every replica Redis, backlogs, acks,
+//!   full resync and partition merge copies, blocking pops and WATCH.
+//! - [`effects`]: how a write is shipped so that replicas end equal (absolute expiry,
+//!   SPOP → SREM, key copies).
+//! - [`reply`]: the reply shapes the above look inside.
+//!
+//! The runtime shell (`server::replica`, `server::peer`) feeds these with sockets and time.
+
+pub mod effects;
+pub mod membership;
+pub mod reply;
+pub mod sequencer;
