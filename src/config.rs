@@ -278,12 +278,18 @@ impl Config {
                 return bad("peers.id", format!("`{}` is used twice (node ids must be unique in the group)", p.id));
             }
         }
-        if !self.peers.is_empty() {
-            // Refuse rather than run a "pair" that silently does not replicate.
+        for p in &self.peers {
+            if p.address.is_empty() {
+                return bad("peers.address", format!("peer `{}` needs the address of its peer_listen", p.id));
+            }
+            if p.redis.is_empty() {
+                return bad("peers.redis", format!("peer `{}` needs the address of its Redis", p.id));
+            }
+        }
+        if !self.peers.is_empty() && self.replication.secret.is_empty() {
             return bad(
-                "peers",
-                "active-active replication is not available in this version yet; remove [[peers]] to run a single node"
-                    .into(),
+                "replication.secret",
+                "must be set when [[peers]] are configured (the peer link refuses anyone without it)".into(),
             );
         }
         if self.replication.failover_timeout_ms < 100 {

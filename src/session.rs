@@ -27,6 +27,9 @@ pub enum Lane {
     Shared(usize),
     /// The client's own connection.
     Dedicated,
+    /// The pair's writer: this node's sequencer when it is the writer, else the peer link
+    /// to the writer (reached through core 0).
+    Writer,
 }
 
 /// How a forwarded command uses the dedicated connection.
@@ -168,6 +171,8 @@ pub enum Action {
     Wait,
     /// CLIENT LIST / CLIENT KILL: answered by the shell from the registry of all clients.
     Clients(ClientQuery),
+    /// RESPLICA STATUS: answered by the shell from the replication status.
+    Status,
 }
 
 /// The refused commands, resolved once to table entries so the per-request check is a
@@ -219,6 +224,12 @@ pub struct SessionEnv {
     /// Proxy client id → Redis's id of that client's dedicated connection, for commands that
     /// name another client (`CLIENT TRACKING ... REDIRECT id`, `CLIENT UNBLOCK id`).
     pub upstream_ids: UpstreamIds,
+    /// Part of a pair (or group): writes go to the writer, transactions and blocking
+    /// commands are run by the writer's sequencer.
+    pub pair: bool,
+    /// Pair mode: whether the local Redis is known to be in sync (else reads go to the
+    /// writer too; invariant 5). Set by the replication shell.
+    pub local_in_sync: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Shared by all cores; touched when a dedicated connection opens or closes and by the rare
@@ -275,6 +286,12 @@ pub struct Session {
     /// The command being handled (top-level name, subcommand name).
     cmd: (&'static str, Option<&'static str>),
     inflight: Inflight,
+    /// Pair mode, inside MULTI: the queued commands (sent as one block at EXEC).
+    queued: Vec<Bytes>,
+    /// Pair mode: a command was refused while queuing (EXEC then aborts, like Redis).
+    queue_failed: bool,
+    /// Pair mode: WATCH is held by the writer's sequencer.
+    pair_watching: bool,
 }
 
 /// Commands sent and not yet answered, by lane and by slot.
@@ -372,6 +389,9 @@ impl Session {
             tracking: false,
             cmd: ("NULL", None),
             inflight: Inflight::default(),
+            queued: Vec::new(),
+            queue_failed: false,
+            pair_watching: false,
         }
     }
 
@@ -464,10 +484,21 @@ impl Session {
             }
             return self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Raw, def);
         }
-        if self.in_multi || self.watching {
+        if env.pair {
+            if let Some(action) = self.pair_transaction(name, req, def) {
+                return action;
+            }
+        } else if self.in_multi || self.watching {
             return self.in_transaction(name, req, def);
         }
 
+        if name == b"resplica" {
+            return if req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"status") {
+                Action::Status
+            } else {
+                self.local_reply(resp::error("ERR unknown RESPLICA subcommand (try RESPLICA STATUS)"))
+            };
+        }
         if let Some(action) = self.local_command(name, req, env) {
             return action;
         }
@@ -506,6 +537,13 @@ impl Session {
             return action;
         }
         let blocking = is_blocking(name, req, flags);
+        if env.pair && blocking && command::is_write(def) {
+            // The writer's sequencer serves it: it sees every write to the key.
+            if !self.inflight.only_on(Lane::Writer) {
+                return Action::Wait;
+            }
+            return self.forward(req, Lane::Writer, Scope::All, DedicatedUse::No, def);
+        }
         let starts_tracking = name == b"client" && req.len() > 1 && req.arg(1).eq_ignore_ascii_case(b"tracking");
         if blocking || self.tracking || starts_tracking || name == b"multi" || name == b"watch" {
             if !self.inflight.only_on(Lane::Dedicated) {
@@ -527,8 +565,13 @@ impl Session {
     /// of this client's in-flight commands.
     fn route(&mut self, req: &Request, def: Option<&'static CommandDef>, env: &SessionEnv) -> Action {
         let write = command::is_write(def);
-        let local = Lane::Shared(self.core);
-        if !env.slot_sequencing || env.threads <= 1 {
+        let local = if env.pair && !env.local_in_sync.load(std::sync::atomic::Ordering::Relaxed) {
+            Lane::Writer
+        } else {
+            Lane::Shared(self.core)
+        };
+        let write_lane = |s: u16| if env.pair { Lane::Writer } else { Lane::Shared(s as usize % env.threads) };
+        if !env.pair && (!env.slot_sequencing || env.threads <= 1) {
             // One lane per client: only the dedicated connection can be overtaken.
             if !self.inflight.only_on(local) {
                 return Action::Wait;
@@ -541,7 +584,7 @@ impl Session {
         };
         let lane = match (scope, write) {
             (Scope::Slot(s), true) => {
-                let lane = Lane::Shared(s as usize % env.threads);
+                let lane = write_lane(s);
                 let slot_ok = self.inflight.slots.get(&s).is_none_or(|(l, _)| *l == lane);
                 let all_ok = self.inflight.all.is_none_or(|(l, _)| l == lane);
                 let ded_ok = !self.inflight.lanes.iter().any(|(l, _)| *l == Lane::Dedicated);
@@ -562,7 +605,8 @@ impl Session {
             }
             (Scope::All, _) => {
                 let lane = match (write, first_key_slot(def, req)) {
-                    (true, Some(s)) => Lane::Shared(s as usize % env.threads),
+                    (true, Some(s)) => write_lane(s),
+                    (true, None) if env.pair => Lane::Writer,
                     _ => self.inflight.only_lane().unwrap_or(local),
                 };
                 if !self.inflight.only_on(lane) {
@@ -623,6 +667,119 @@ impl Session {
         self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Counted { blocking }, def)
     }
 
+    /// Pair mode: MULTI is queued here and sent to the writer as one block at EXEC; WATCH
+    /// and UNWATCH are kept by the writer's sequencer (it sees every write). `None`: not a
+    /// transaction matter.
+    fn pair_transaction(&mut self, name: &[u8], req: &Request, def: Option<&'static CommandDef>) -> Option<Action> {
+        if !self.in_multi {
+            return match name {
+                b"multi" => {
+                    self.in_multi = true;
+                    self.queued.clear();
+                    self.queue_failed = false;
+                    Some(self.local_reply(resp::simple("OK")))
+                }
+                b"exec" => Some(self.local_reply(resp::error("ERR EXEC without MULTI"))),
+                b"discard" => Some(self.local_reply(resp::error("ERR DISCARD without MULTI"))),
+                b"watch" | b"unwatch" => {
+                    if !self.inflight.only_on(Lane::Writer) {
+                        return Some(Action::Wait);
+                    }
+                    if name == b"watch" {
+                        self.pair_watching = true;
+                    } else {
+                        self.pair_watching = false;
+                    }
+                    Some(self.forward(req, Lane::Writer, Scope::All, DedicatedUse::No, def))
+                }
+                _ => None,
+            };
+        }
+        match name {
+            b"multi" => Some(self.local_reply(resp::error("ERR MULTI calls can not be nested"))),
+            b"watch" => Some(self.local_reply(resp::error("ERR WATCH inside MULTI is not allowed"))),
+            b"discard" => {
+                self.in_multi = false;
+                self.queued.clear();
+                if self.pair_watching {
+                    self.pair_watching = false;
+                    if !self.inflight.only_on(Lane::Writer) {
+                        self.in_multi = true;
+                        return Some(Action::Wait);
+                    }
+                    let unwatch = Request::from_args(&[b"UNWATCH"]);
+                    return Some(self.forward(&unwatch, Lane::Writer, Scope::All, DedicatedUse::No, None));
+                }
+                Some(self.local_reply(resp::simple("OK")))
+            }
+            b"exec" => {
+                if !self.inflight.only_on(Lane::Writer) {
+                    return Some(Action::Wait);
+                }
+                self.in_multi = false;
+                self.pair_watching = false;
+                let queued = std::mem::take(&mut self.queued);
+                if std::mem::take(&mut self.queue_failed) {
+                    return Some(
+                        self.local_reply(resp::error("EXECABORT Transaction discarded because of previous errors.")),
+                    );
+                }
+                let mut block = BytesMut::new();
+                block.extend_from_slice(&Request::from_args(&[b"MULTI"]).frame);
+                for q in &queued {
+                    block.extend_from_slice(q);
+                }
+                block.extend_from_slice(&Request::from_args(&[b"EXEC"]).frame);
+                let discard = self.take_discard();
+                let tag = Tag { lane: Lane::Writer, scope: Scope::All };
+                self.inflight.add(tag);
+                let db = self.db;
+                // A SELECT inside the block moves the client (as on Redis, once EXEC runs).
+                for q in &queued {
+                    let mut buf = BytesMut::from(&q[..]);
+                    if let Ok(Some(r)) = resp::RequestParser::new(usize::MAX >> 1).parse(&mut buf) {
+                        if r.len() == 2 && r.arg(0).eq_ignore_ascii_case(b"select") {
+                            if let Some(n) = parse_int(r.arg(1)) {
+                                self.db = n.max(0) as u32;
+                            }
+                        }
+                    }
+                }
+                Some(Action::Forward(Forward {
+                    lane: Lane::Writer,
+                    tag,
+                    frame: block.freeze(),
+                    db,
+                    dedicated: DedicatedUse::No,
+                    discard,
+                    any_db: false,
+                    allow_busy: false,
+                }))
+            }
+            _ => {
+                let bad = match def {
+                    None => Some(format!(
+                        "ERR unknown command '{}', with args beginning with: ",
+                        String::from_utf8_lossy(req.arg(0))
+                    )),
+                    Some(d)
+                        if (d.arity > 0 && req.len() as i64 != d.arity as i64)
+                            || (d.arity < 0 && (req.len() as i64) < -(d.arity as i64)) =>
+                    {
+                        Some(format!("ERR wrong number of arguments for '{}' command", d.name.to_ascii_lowercase()))
+                    }
+                    _ => None,
+                };
+                if let Some(msg) = bad {
+                    self.queue_failed = true;
+                    return Some(self.local_reply(resp::error(&msg)));
+                }
+                self.queued.push(req.frame.clone());
+                Some(self.local_reply(resp::simple("QUEUED")))
+            }
+        }
+    }
+
     fn take_discard(&mut self) -> bool {
         match self.reply_mode {
             ReplyMode::On => false,
@@ -649,6 +806,9 @@ impl Session {
         self.authed = env.password.is_empty();
         self.reply_mode = ReplyMode::On;
         self.dedicated_lost();
+        self.queued.clear();
+        self.queue_failed = false;
+        self.pair_watching = false;
     }
 
     /// Commands the proxy answers itself; `None` for everything else.
@@ -1045,6 +1205,8 @@ mod tests {
             refused: Refused::new(&["shutdown"]),
             threads,
             slot_sequencing: slot,
+            pair: false,
+            local_in_sync: Default::default(),
             redis_version: "7.0.15".into(),
             databases: 16,
             upstream_ids: UpstreamIds::default(),

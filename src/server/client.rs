@@ -383,6 +383,11 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     client.push_local(r);
                 }
                 Action::Forward(f) => dispatch(&client, f, &mut dedicated).await,
+                Action::Status => {
+                    let text = client.core.shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                    let text = if text.is_empty() { "role:single\n".to_string() } else { text };
+                    client.push_local(resp::bulk(text.as_bytes()));
+                }
                 Action::Clients(q) => {
                     if clients_query(&client, q) {
                         break 'conn;
@@ -433,8 +438,40 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let seq = client.push_pending(Some(f.tag), f.discard);
             core.send(
                 owner,
-                CoreMsg::Request { from: core.idx, client: client.id, seq, db: f.db, proto, frame: f.frame },
+                CoreMsg::Request {
+                    from: core.idx,
+                    client: client.id,
+                    seq,
+                    db: f.db,
+                    proto,
+                    frame: f.frame,
+                    writer: false,
+                },
             );
+        }
+        Lane::Writer => {
+            let proto = client.session.borrow().proto;
+            let seq = client.push_pending(Some(f.tag), f.discard);
+            if core.idx == 0 {
+                let repl = core.repl.borrow().clone();
+                match repl {
+                    Some(r) => r.submit_client(Sink::Local(client.clone(), seq), client.id, f.db, proto, f.frame),
+                    None => client.fill(seq, resp::error("ERR resplica: this node has no peers")),
+                }
+            } else {
+                core.send(
+                    0,
+                    CoreMsg::Request {
+                        from: core.idx,
+                        client: client.id,
+                        seq,
+                        db: f.db,
+                        proto,
+                        frame: f.frame,
+                        writer: true,
+                    },
+                );
+            }
         }
         Lane::Dedicated => {
             let (db, proto) = {

@@ -33,6 +33,18 @@ pub(crate) enum Sink {
     Local(Rc<super::client::Client>, u64),
     /// A client of another core (the request hopped here to its sequencer).
     Remote { core: usize, client: u64, seq: u64 },
+    /// A request a peer sidecar forwarded to this writer, answered under its tag.
+    Peer(Rc<super::peer::PeerConn>, u64),
+}
+
+/// Hand a reply to whoever waits for it.
+pub(crate) fn deliver_to(core: &Core, sink: Sink, reply: Bytes) {
+    match sink {
+        Sink::Discard => {}
+        Sink::Local(client, seq) => client.fill(seq, reply),
+        Sink::Remote { core: dest, client, seq } => core.send(dest, CoreMsg::Reply { client, seq, reply }),
+        Sink::Peer(conn, tag) => conn.reply(tag, &reply),
+    }
 }
 
 struct LaneState {
@@ -110,14 +122,8 @@ impl Lane {
     }
 
     fn deliver(&self, sink: Sink, reply: Bytes) {
-        match sink {
-            Sink::Discard => {}
-            Sink::Local(client, seq) => client.fill(seq, reply),
-            Sink::Remote { core, client, seq } => {
-                if let Some(c) = self.core.upgrade() {
-                    c.send(core, CoreMsg::Reply { client, seq, reply });
-                }
-            }
+        if let Some(c) = self.core.upgrade() {
+            deliver_to(&c, sink, reply);
         }
     }
 
@@ -157,9 +163,18 @@ impl LaneState {
 
 /// Connect, authenticate and prepare a connection to the local Redis in protocol `proto`.
 pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<TcpStream, String> {
-    let cfg = &core.shared.cfg.redis;
-    let connect =
-        monoio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), TcpStream::connect_addr(cfg.address));
+    connect_redis(&core.shared.cfg.redis, core.shared.cfg.redis.address, proto, db).await
+}
+
+/// Connect to the Redis at `addr` with the `[redis]` credentials (every Redis of a pair
+/// uses the same ones), in protocol `proto` and database `db`.
+pub(crate) async fn connect_redis(
+    cfg: &crate::config::RedisConfig,
+    addr: std::net::SocketAddr,
+    proto: u8,
+    db: u32,
+) -> Result<TcpStream, String> {
+    let connect = monoio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), TcpStream::connect_addr(addr));
     let mut stream = match connect.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connect: {e}")),
@@ -245,6 +260,9 @@ async fn learn_server_facts(core: &Core) {
     let mut env = core.env.borrow_mut();
     if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
         env.redis_version = v.trim().to_string();
+    }
+    if let Some(v) = info.lines().find_map(|l| l.strip_prefix("run_id:")) {
+        core.redis_run_id.replace(v.trim().to_string());
     }
     // CONFIG GET reply: *2 $9 databases $N <n>
     let cfg = String::from_utf8_lossy(&replies[1]);

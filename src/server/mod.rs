@@ -10,6 +10,8 @@
 mod client;
 mod io;
 mod lane;
+mod peer;
+mod replica;
 mod signal;
 mod stall;
 
@@ -49,7 +51,8 @@ pub enum StartError {
 /// A message between cores.
 pub(crate) enum CoreMsg {
     /// A write for a slot this core sequences.
-    Request { from: usize, client: u64, seq: u64, db: u32, proto: u8, frame: Bytes },
+    /// `writer`: for the pair's writer path (core 0), not this core's lane.
+    Request { from: usize, client: u64, seq: u64, db: u32, proto: u8, frame: Bytes, writer: bool },
     /// The reply to a request forwarded by this core.
     Reply { client: u64, seq: u64, reply: Bytes },
     /// CLIENT KILL from a client of another core.
@@ -70,6 +73,10 @@ pub(crate) struct Shared {
     /// Every client of every core, as CLIENT LIST shows it. Locked on connect, disconnect,
     /// a change of name/db/mode, and CLIENT LIST/KILL: never per ordinary command.
     pub registry: std::sync::Mutex<HashMap<u64, crate::session::ClientInfo>>,
+    /// Pair mode: whether reads may use the local Redis (set by core 0's replication shell).
+    pub local_in_sync: Arc<AtomicBool>,
+    /// The replication status text (RESPLICA STATUS), refreshed by core 0.
+    pub status: std::sync::Mutex<String>,
 }
 
 /// One core's state, owned by its runtime thread.
@@ -90,6 +97,10 @@ pub(crate) struct Core {
     /// by `flush_outbox` (a cross-thread wake-up per batch, not per command).
     pub outbox: RefCell<Vec<Vec<CoreMsg>>>,
     pub outbox_ready: Signal,
+    /// The local Redis's run_id as this core's lane last saw it.
+    pub redis_run_id: RefCell<String>,
+    /// Core 0 of a node with peers: the replication shell.
+    pub repl: RefCell<Option<Rc<replica::Repl>>>,
 }
 
 impl Core {
@@ -149,6 +160,8 @@ impl Server {
             driver_name: std::sync::OnceLock::new(),
             upstream_ids: Default::default(),
             registry: Default::default(),
+            local_in_sync: Arc::new(AtomicBool::new(false)),
+            status: std::sync::Mutex::new(String::new()),
         });
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartError>>(n);
         let mut threads = Vec::with_capacity(n);
@@ -299,6 +312,8 @@ async fn core_main(
         redis_version: "7.0.0".into(),
         databases: 16,
         upstream_ids: shared.upstream_ids.clone(),
+        pair: !cfg.peers.is_empty(),
+        local_in_sync: shared.local_in_sync.clone(),
     };
     let core = Rc::new_cyclic(|weak: &Weak<Core>| Core {
         idx,
@@ -311,7 +326,19 @@ async fn core_main(
         warm_refill: Signal::default(),
         outbox: RefCell::new((0..shared.inboxes.len()).map(|_| Vec::new()).collect()),
         outbox_ready: Signal::default(),
+        redis_run_id: RefCell::new(String::new()),
+        repl: RefCell::new(None),
     });
+    if idx == 0 && !cfg.peers.is_empty() {
+        match replica::Repl::start(&core) {
+            Ok(r) => *core.repl.borrow_mut() = Some(r),
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = ready.send(Err(StartError::Listen { addr: cfg.node.peer_listen, source: e }));
+                return Err(StartError::Listen { addr: cfg.node.peer_listen, source: std::io::Error::other(msg) });
+            }
+        }
+    }
     for l in &core.lanes {
         monoio::spawn(lane::run(l.clone()));
     }
@@ -354,7 +381,22 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
     while let Ok(batch) = inbox.recv().await {
         for msg in batch {
             match msg {
-                CoreMsg::Request { from, client, seq, db, proto, frame } => {
+                CoreMsg::Request { from, client, seq, db, proto, frame, writer: true } => {
+                    let sink = lane::Sink::Remote { core: from, client, seq };
+                    let repl = core.repl.borrow().clone();
+                    match repl {
+                        Some(r) => r.submit_client(sink, client, db, proto, frame),
+                        None => core.send(
+                            from,
+                            CoreMsg::Reply {
+                                client,
+                                seq,
+                                reply: crate::resp::error("ERR resplica: no writer path on this core"),
+                            },
+                        ),
+                    }
+                }
+                CoreMsg::Request { from, client, seq, db, proto, frame, writer: false } => {
                     let sink = lane::Sink::Remote { core: from, client, seq };
                     if let Err(reply) = core.lane(proto).enqueue(db, frame, sink) {
                         core.send(from, CoreMsg::Reply { client, seq, reply });

@@ -1,0 +1,370 @@
+//! The peer link between sidecars: pipelined RESP over TCP, authenticated with the shared
+//! secret. Every request carries a tag and every reply comes back as `*2 :tag <reply>`, so
+//! the writer may answer forwarded writes in any order (a blocked pop must not hold up the
+//! writes behind it).
+//!
+//! Requests (after `RS.AUTH <secret> <node id>`):
+//! - `RS.HB tag <report>`: heartbeat; the reply is the receiver's own report.
+//! - `RS.FWD tag db proto client frame`: run a client's request at the writer.
+//! - `RS.HANDOVER tag`: the caller (higher priority, in sync) asks for the writer role.
+//! - `RS.YIELD tag epoch db key db key ...`: a writer that lost a partition yields, naming
+//!   the keys it wrote while cut off.
+//!
+//! This module moves bytes; what the requests mean is `replica::Repl`'s business.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncWriteRentExt, Splitable};
+use monoio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::io::read_more;
+use super::lane::Sink;
+use super::replica::{Held, Repl};
+use super::Signal;
+use crate::resp::{self, ReplySkimmer, Request, RequestParser};
+
+/// Largest request accepted on the peer link (a forwarded frame carries a client's bulk).
+const PEER_MAX_BULK: usize = 4 << 30;
+
+fn tagged(tag: u64, reply: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(reply.len() + 24);
+    out.extend_from_slice(b"*2\r\n");
+    resp::push_int(&mut out, tag as i64);
+    out.extend_from_slice(reply);
+    out
+}
+
+/// Split `*2 :tag <reply>`.
+fn untag(frame: &Bytes) -> Option<(u64, Bytes)> {
+    let rest = frame.strip_prefix(b"*2\r\n:")?;
+    let eol = memchr::memchr(b'\r', rest)?;
+    let tag = resp::parse_int(&rest[..eol])? as u64;
+    let start = 5 + eol + 2;
+    Some((tag, frame.slice(start..)))
+}
+
+/// A connection another sidecar opened to us (we serve its requests).
+pub(crate) struct PeerConn {
+    out: RefCell<BytesMut>,
+    wake: Signal,
+    dead: Cell<bool>,
+    pub node: RefCell<String>,
+}
+
+impl PeerConn {
+    /// Queue the reply to request `tag`.
+    pub fn reply(&self, tag: u64, reply: &[u8]) {
+        if self.dead.get() {
+            return;
+        }
+        self.out.borrow_mut().extend_from_slice(&tagged(tag, reply));
+        self.wake.notify();
+    }
+}
+
+/// Accept peers on `peer_listen`.
+pub(crate) async fn serve(repl: Rc<Repl>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(serve_conn(repl.clone(), stream, addr.to_string()));
+            }
+            Err(e) => {
+                warn!("peer accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(repl: Rc<Repl>, stream: TcpStream, addr: String) {
+    let conn = Rc::new(PeerConn {
+        out: RefCell::new(BytesMut::new()),
+        wake: Signal::default(),
+        dead: Cell::new(false),
+        node: RefCell::new(String::new()),
+    });
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = {
+        let conn = conn.clone();
+        async move {
+            loop {
+                let chunk = std::mem::take(&mut *conn.out.borrow_mut());
+                if chunk.is_empty() {
+                    if conn.dead.get() {
+                        return;
+                    }
+                    conn.wake.wait().await;
+                    continue;
+                }
+                if wr.write_all(chunk.freeze()).await.0.is_err() {
+                    conn.dead.set(true);
+                    return;
+                }
+            }
+        }
+    };
+    let writer = monoio::spawn(writer);
+    let mut parser = RequestParser::new(PEER_MAX_BULK);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut authed = false;
+    'conn: loop {
+        loop {
+            let req = match parser.parse(&mut buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    conn.reply(0, &resp::error(&format!("ERR {e}")));
+                    break 'conn;
+                }
+            };
+            if !authed {
+                if req.len() == 3 && req.arg(0).eq_ignore_ascii_case(b"rs.auth") && repl.secret_ok(req.arg(1)) {
+                    authed = true;
+                    *conn.node.borrow_mut() = String::from_utf8_lossy(req.arg(2)).into_owned();
+                    conn.out.borrow_mut().extend_from_slice(b"+OK\r\n");
+                    conn.wake.notify();
+                    debug!(peer = %addr, node = %conn.node.borrow(), "peer authenticated");
+                    continue;
+                }
+                warn!(peer = %addr, "peer link refused: wrong or missing secret");
+                conn.out.borrow_mut().extend_from_slice(b"-ERR resplica: peer authentication failed\r\n");
+                conn.wake.notify();
+                break 'conn;
+            }
+            handle(&repl, &conn, req);
+        }
+        let (res, b) = read_more(&mut rd, buf, parser.bytes_hint(0)).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    conn.dead.set(true);
+    conn.wake.notify();
+    let _ = writer.await;
+}
+
+fn handle(repl: &Rc<Repl>, conn: &Rc<PeerConn>, req: Request) {
+    let name = req.arg(0).to_ascii_lowercase();
+    let tag = if req.len() > 1 { resp::parse_int(req.arg(1)).unwrap_or(0) as u64 } else { 0 };
+    match name.as_slice() {
+        b"rs.hb" if req.len() == 3 => {
+            repl.heard(&String::from_utf8_lossy(req.arg(2)));
+            let mine = repl.report_text();
+            conn.reply(tag, &resp::bulk(mine.as_bytes()));
+        }
+        b"rs.fwd" if req.len() == 6 => {
+            let num = |i: usize| resp::parse_int(req.arg(i)).unwrap_or(0);
+            let node = conn.node.borrow().clone();
+            let held = Held {
+                sink: Sink::Peer(conn.clone(), tag),
+                client_key: client_key(&node, num(4) as u64),
+                db: num(2) as u32,
+                proto: num(3) as u8,
+                frame: req.arg_bytes(5),
+                deadline_ms: 0,
+            };
+            repl.submit_forwarded(held);
+        }
+        b"rs.handover" => repl.handover_requested(conn.clone(), tag),
+        b"rs.yield" if req.len() >= 3 => {
+            let epoch = resp::parse_int(req.arg(2)).unwrap_or(0) as u64;
+            let keys = if req.len() > 3 && req.arg(3) == b"unknown" {
+                None
+            } else {
+                Some(
+                    (3..req.len())
+                        .step_by(2)
+                        .filter(|&i| i + 1 < req.len())
+                        .map(|i| (resp::parse_int(req.arg(i)).unwrap_or(0) as u32, req.arg_bytes(i + 1)))
+                        .collect(),
+                )
+            };
+            let node = conn.node.borrow().clone();
+            let reply = repl.yield_received(&node, epoch, keys);
+            conn.reply(tag, &reply);
+        }
+        _ => conn.reply(tag, &resp::error("ERR resplica: unknown peer request")),
+    }
+}
+
+/// A client's identity at the writer: its id on its own node, salted with the node.
+pub(crate) fn client_key(node: &str, id: u64) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in node.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    id ^ (h << 40)
+}
+
+/// What a request on our outgoing link waits for.
+pub(crate) enum LinkWait {
+    Heartbeat,
+    Forward(Held),
+    Handover,
+    Yield,
+}
+
+/// Our outgoing connection to one peer: heartbeats, forwarded requests, handover/yield.
+pub(crate) struct PeerLink {
+    pub node: String,
+    pub addr: String,
+    pub connected: Cell<bool>,
+    out: RefCell<BytesMut>,
+    wake: Signal,
+    waiting: RefCell<HashMap<u64, LinkWait>>,
+    next_tag: Cell<u64>,
+}
+
+impl PeerLink {
+    pub fn new(node: &str, addr: &str) -> Rc<PeerLink> {
+        Rc::new(PeerLink {
+            node: node.to_string(),
+            addr: addr.to_string(),
+            connected: Cell::new(false),
+            out: RefCell::new(BytesMut::new()),
+            wake: Signal::default(),
+            waiting: RefCell::new(HashMap::new()),
+            next_tag: Cell::new(1),
+        })
+    }
+
+    /// Send a request whose first argument after the name is the tag.
+    pub fn send(&self, name: &[u8], args: &[&[u8]], wait: LinkWait) -> bool {
+        if !self.connected.get() {
+            return false;
+        }
+        let tag = self.next_tag.get();
+        self.next_tag.set(tag + 1);
+        let tag_s = tag.to_string();
+        let mut v: Vec<&[u8]> = vec![name, tag_s.as_bytes()];
+        v.extend_from_slice(args);
+        self.out.borrow_mut().extend_from_slice(&Request::from_args(&v).frame);
+        self.waiting.borrow_mut().insert(tag, wait);
+        self.wake.notify();
+        true
+    }
+
+    /// Forward a client's request to the writer at the other end.
+    pub fn forward(&self, h: Held, client_id: u64) -> Result<(), Held> {
+        if !self.connected.get() {
+            return Err(h);
+        }
+        let (db, proto, id) = (h.db.to_string(), h.proto.to_string(), client_id.to_string());
+        let frame = h.frame.clone();
+        self.send(b"RS.FWD", &[db.as_bytes(), proto.as_bytes(), id.as_bytes(), &frame], LinkWait::Forward(h));
+        Ok(())
+    }
+}
+
+/// Keep the outgoing link to `link`'s peer up: connect, authenticate, then pump requests and
+/// dispatch replies; on loss, fail whatever waited on it.
+pub(crate) async fn run_link(repl: Rc<Repl>, link: Rc<PeerLink>) {
+    let mut was_up = true;
+    loop {
+        match connect_peer(&repl, &link).await {
+            Ok(stream) => {
+                if !was_up {
+                    info!(peer = %link.node, addr = %link.addr, "peer link up");
+                }
+                was_up = true;
+                link.connected.set(true);
+                link.out.borrow_mut().clear();
+                let (rd, wr) = stream.into_split();
+                let reason = monoio::select! {
+                    r = link_reader(&repl, &link, rd) => r,
+                    r = link_writer(&link, wr) => r,
+                };
+                link.connected.set(false);
+                warn!(peer = %link.node, addr = %link.addr, "peer link lost: {reason}");
+                let waiting: Vec<LinkWait> = link.waiting.borrow_mut().drain().map(|(_, w)| w).collect();
+                for w in waiting {
+                    repl.link_failed(&link, w);
+                }
+            }
+            Err(e) => {
+                if was_up {
+                    warn!(peer = %link.node, addr = %link.addr, "cannot reach peer: {e}");
+                    was_up = false;
+                }
+            }
+        }
+        monoio::time::sleep(Duration::from_millis(repl.heartbeat_ms().min(100))).await;
+    }
+}
+
+async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<TcpStream, String> {
+    use std::net::ToSocketAddrs;
+    let addr = link
+        .addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {}: {e}", link.addr))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to nothing", link.addr))?;
+    let timeout = Duration::from_millis(repl.heartbeat_ms() * 2);
+    let mut stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    let _ = stream.set_nodelay(true);
+    let auth = vec![b"RS.AUTH".to_vec(), repl.secret().as_bytes().to_vec(), repl.node_id().as_bytes().to_vec()];
+    let replies = super::lane::roundtrip(&mut stream, &[auth], timeout.as_millis() as u64).await?;
+    if replies.first().is_none_or(|r| resp::is_error(r)) {
+        return Err(format!(
+            "peer refused authentication ({})",
+            replies.first().map(|r| String::from_utf8_lossy(r).trim().to_string()).unwrap_or_default()
+        ));
+    }
+    Ok(stream)
+}
+
+async fn link_writer(link: &PeerLink, mut wr: monoio::io::OwnedWriteHalf<TcpStream>) -> String {
+    loop {
+        let chunk = std::mem::take(&mut *link.out.borrow_mut());
+        if chunk.is_empty() {
+            link.wake.wait().await;
+            continue;
+        }
+        if let Err(e) = wr.write_all(chunk.freeze()).await.0 {
+            return format!("write: {e}");
+        }
+    }
+}
+
+async fn link_reader(repl: &Rc<Repl>, link: &PeerLink, mut rd: monoio::io::OwnedReadHalf<TcpStream>) -> String {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut skim = ReplySkimmer::new();
+    loop {
+        let (res, b) = read_more(&mut rd, buf, skim.bytes_hint(0)).await;
+        buf = b;
+        match res {
+            Ok(0) => return "closed by peer".into(),
+            Err(e) => return format!("read: {e}"),
+            Ok(_) => {}
+        }
+        loop {
+            match skim.next_reply(&mut buf) {
+                Ok(Some(frame)) => {
+                    let Some((tag, reply)) = untag(&frame) else {
+                        return format!("unexpected reply: {}", String::from_utf8_lossy(&frame[..frame.len().min(80)]));
+                    };
+                    let wait = link.waiting.borrow_mut().remove(&tag);
+                    if let Some(w) = wait {
+                        repl.link_reply(link, w, reply);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+}

@@ -1,0 +1,936 @@
+//! The replication shell on core 0 of a node with peers: runs `Membership` (who writes) and,
+//! while this node is the writer, the `Sequencer` with one ordered connection per replica
+//! Redis, the key scans of full resyncs, the peer link (`peer`), the admin port and the
+//! status text. Requests on the writer path arrive here from every core (`Lane::Writer`);
+//! a follower forwards them to the writer over the peer link.
+//!
+//! No replication decision is made here: they are the sans-IO core's. This module connects,
+//! reads, writes, keeps time and hands results back.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncWriteRentExt, Splitable};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use tracing::{error, info, warn};
+
+use super::io::read_more;
+use super::lane::{connect_redis, deliver_to, roundtrip, Sink};
+use super::peer::{self, LinkWait, PeerConn, PeerLink};
+use super::{Core, Signal};
+use crate::command;
+use crate::config::WriteAck;
+use crate::replication::membership::{Decision, Membership, Report, Role};
+use crate::replication::sequencer::{Origin, ReplicaState, Sequencer};
+use crate::resp::{self, ReplySkimmer, Request, RequestParser};
+
+/// Key copies in flight per resync (the throttle that keeps the writer serving).
+const COPIES_IN_FLIGHT: usize = 256;
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A request on the writer path, with where its reply goes.
+pub(crate) struct Held {
+    pub sink: Sink,
+    pub client_key: u64,
+    pub db: u32,
+    pub proto: u8,
+    pub frame: Bytes,
+    /// Give up (TRYAGAIN) if no writer takes it by then (monotonic ms; 0 = not held yet).
+    pub deadline_ms: u64,
+}
+
+/// Core 0's replication state.
+pub(crate) struct Repl {
+    core: Rc<Core>,
+    started: Instant,
+    members: RefCell<Membership>,
+    seq: RefCell<Option<Sequencer>>,
+    /// Bumped whenever the sequencer is created or dropped; stream tasks of an older
+    /// generation end.
+    gen: Cell<u64>,
+    /// Handing over or yielding: new writer-path requests wait.
+    draining: Cell<bool>,
+    tickets: RefCell<HashMap<u64, Sink>>,
+    next_ticket: Cell<u64>,
+    pending: RefCell<VecDeque<Held>>,
+    links: Vec<Rc<PeerLink>>,
+    stream_wakes: RefCell<Vec<Rc<Signal>>>,
+    /// Peer boot ids seen when their streams were last enabled (continuity check).
+    known_boot: RefCell<HashMap<String, u64>>,
+    /// Peers whose partition writes we wait for (they are writers too).
+    last_status: RefCell<String>,
+}
+
+impl Repl {
+    /// Bind the peer and admin ports and start the tasks. Core 0 only.
+    pub fn start(core: &Rc<Core>) -> std::io::Result<Rc<Repl>> {
+        let cfg = &core.shared.cfg;
+        let peer_listener =
+            TcpListener::bind_with_config(cfg.node.peer_listen, &ListenerOpts::new().reuse_addr(true).backlog(128))?;
+        let admin = match TcpListener::bind_with_config(cfg.node.admin_listen, &ListenerOpts::new().reuse_addr(true)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(addr = %cfg.node.admin_listen, "cannot serve the admin port: {e}");
+                None
+            }
+        };
+        let boot = (unix_ms() << 16) ^ std::process::id() as u64;
+        let peers: Vec<(String, u32)> = cfg.peers.iter().map(|p| (p.id.clone(), p.priority.unwrap_or(0))).collect();
+        let members =
+            Membership::new(&cfg.node.id, cfg.node.priority, boot, &peers, cfg.replication.failover_timeout_ms, 0);
+        let repl = Rc::new(Repl {
+            core: core.clone(),
+            started: Instant::now(),
+            members: RefCell::new(members),
+            seq: RefCell::new(None),
+            gen: Cell::new(0),
+            draining: Cell::new(false),
+            tickets: RefCell::new(HashMap::new()),
+            next_ticket: Cell::new(1),
+            pending: RefCell::new(VecDeque::new()),
+            links: cfg.peers.iter().map(|p| PeerLink::new(&p.id, &p.address)).collect(),
+            stream_wakes: RefCell::new(Vec::new()),
+            known_boot: RefCell::new(HashMap::new()),
+            last_status: RefCell::new(String::new()),
+        });
+        monoio::spawn(peer::serve(repl.clone(), peer_listener));
+        if let Some(l) = admin {
+            monoio::spawn(serve_admin(repl.clone(), l));
+        }
+        for l in &repl.links {
+            monoio::spawn(peer::run_link(repl.clone(), l.clone()));
+        }
+        monoio::spawn(heartbeats(repl.clone()));
+        monoio::spawn(decide_loop(repl.clone()));
+        info!(node = %cfg.node.id, priority = cfg.node.priority, peer_listen = %cfg.node.peer_listen, peers = cfg.peers.len(), "pair mode: waiting to hear from peers");
+        Ok(repl)
+    }
+
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn heartbeat_ms(&self) -> u64 {
+        (self.core.shared.cfg.replication.failover_timeout_ms / 5).clamp(20, 1000)
+    }
+
+    pub fn secret(&self) -> &str {
+        &self.core.shared.cfg.replication.secret
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.core.shared.cfg.node.id
+    }
+
+    /// Constant-time comparison of a peer's secret.
+    pub fn secret_ok(&self, given: &[u8]) -> bool {
+        let want = self.secret().as_bytes();
+        if want.is_empty() || given.len() != want.len() {
+            return false;
+        }
+        want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    // ---- the writer path -------------------------------------------------------------
+
+    /// A request from one of this node's clients.
+    pub fn submit_client(&self, sink: Sink, client_id: u64, db: u32, proto: u8, frame: Bytes) {
+        let key = peer::client_key(self.node_id(), client_id);
+        self.route(Held { sink, client_key: key, db, proto, frame, deadline_ms: 0 });
+    }
+
+    /// A request a follower forwarded: only a writer takes it.
+    pub fn submit_forwarded(&self, h: Held) {
+        if self.members.borrow().role == Role::Writer && !self.draining.get() {
+            self.route(h);
+        } else if self.draining.get() {
+            self.hold(h);
+        } else {
+            deliver_to(&self.core, h.sink, resp::error("NOTWRITER resplica: this node is not the writer"));
+        }
+    }
+
+    fn route(&self, h: Held) {
+        let (role, writer) = {
+            let m = self.members.borrow();
+            (m.role, m.writer.clone())
+        };
+        if role == Role::Writer && !self.draining.get() {
+            return self.sequence(h);
+        }
+        if !self.draining.get() {
+            if let Some(link) = writer.as_deref().and_then(|w| self.links.iter().find(|l| l.node == w)) {
+                let id = h.client_key;
+                match link.forward(h, id) {
+                    Ok(()) => return,
+                    Err(h) => return self.hold(h),
+                }
+            }
+        }
+        self.hold(h)
+    }
+
+    fn hold(&self, mut h: Held) {
+        if h.deadline_ms == 0 {
+            h.deadline_ms = self.now() + self.core.shared.cfg.redis.request_timeout_ms;
+        }
+        self.pending.borrow_mut().push_back(h);
+    }
+
+    fn sequence(&self, h: Held) {
+        let mut reqs = Vec::new();
+        let mut buf = BytesMut::from(&h.frame[..]);
+        let mut parser = RequestParser::new(usize::MAX >> 1);
+        while let Ok(Some(r)) = parser.parse(&mut buf) {
+            reqs.push(r);
+        }
+        if reqs.is_empty() {
+            return deliver_to(&self.core, h.sink, resp::error("ERR resplica: empty request on the writer path"));
+        }
+        let write = reqs.len() > 1 || command::is_write(command::lookup(&reqs[0]));
+        let ticket = self.next_ticket.get();
+        self.next_ticket.set(ticket + 1);
+        self.tickets.borrow_mut().insert(ticket, h.sink);
+        let o = Origin { ticket, client_key: h.client_key, db: h.db, proto: h.proto };
+        if let Some(seq) = self.seq.borrow_mut().as_mut() {
+            seq.submit(o, reqs, write, unix_ms());
+        }
+        self.after_seq();
+    }
+
+    /// Hand out replies, wake stream writers, start scans.
+    fn after_seq(self: &Repl) {
+        let (replies, scans) = match self.seq.borrow_mut().as_mut() {
+            Some(s) => (s.take_replies(), s.take_scans()),
+            None => return,
+        };
+        for (ticket, reply) in replies {
+            let sink = self.tickets.borrow_mut().remove(&ticket);
+            if let Some(sink) = sink {
+                deliver_to(&self.core, sink, reply);
+            }
+        }
+        for w in self.stream_wakes.borrow().iter() {
+            w.notify();
+        }
+        if !scans.is_empty() {
+            if let Some(me) = self.core.repl.borrow().clone() {
+                for t in scans {
+                    monoio::spawn(scan_task(me.clone(), t, self.gen.get()));
+                }
+            }
+        }
+    }
+
+    fn route_pending(&self) {
+        let now = self.now();
+        let held: Vec<Held> = self.pending.borrow_mut().drain(..).collect();
+        for h in held {
+            if h.deadline_ms != 0 && now > h.deadline_ms {
+                deliver_to(
+                    &self.core,
+                    h.sink,
+                    resp::error("TRYAGAIN resplica: no writer is reachable (failover in progress?)"),
+                );
+                continue;
+            }
+            self.route(h);
+        }
+    }
+
+    // ---- peer link callbacks ------------------------------------------------------------
+
+    pub fn heard(&self, text: &str) {
+        if let Some(r) = Report::decode(text) {
+            let now = self.now();
+            self.members.borrow_mut().heard(r, now);
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        let m = self.members.borrow();
+        let replicas = match self.seq.borrow().as_ref() {
+            Some(s) => {
+                s.streams.iter().map(|st| (st.node.clone(), st.state, st.run_id.clone().unwrap_or_default())).collect()
+            }
+            None => Vec::new(),
+        };
+        Report {
+            id: m.id.clone(),
+            boot: m.boot,
+            priority: m.priority,
+            role: Some(m.role),
+            epoch: m.epoch,
+            writer: m.writer.clone().unwrap_or_default(),
+            replicas,
+        }
+    }
+
+    pub fn report_text(&self) -> String {
+        self.report().encode()
+    }
+
+    pub fn link_reply(&self, link: &PeerLink, wait: LinkWait, reply: Bytes) {
+        match wait {
+            LinkWait::Heartbeat => {
+                if let Some(text) = crate::replication::reply::bulk(&reply) {
+                    self.heard(&String::from_utf8_lossy(text));
+                }
+            }
+            LinkWait::Forward(h) => {
+                if reply.starts_with(b"-NOTWRITER") {
+                    // The writer moved while this was on its way: route it again.
+                    self.hold(h);
+                } else {
+                    deliver_to(&self.core, h.sink, reply);
+                }
+            }
+            LinkWait::Handover => {
+                if let Some(epoch) = crate::replication::reply::int(&reply) {
+                    info!(from = %link.node, epoch, "writer role handed over to this node");
+                    self.become_writer(epoch as u64 + 1, true);
+                } else {
+                    warn!(from = %link.node, reply = %String::from_utf8_lossy(&reply).trim_end(), "handover refused");
+                }
+            }
+            LinkWait::Yield => {
+                let ok = !resp::is_error(&reply);
+                self.finish_yield(&link.node, ok);
+            }
+        }
+    }
+
+    pub fn link_failed(&self, link: &PeerLink, wait: LinkWait) {
+        match wait {
+            LinkWait::Forward(h) => deliver_to(
+                &self.core,
+                h.sink,
+                resp::error(&format!(
+                    "ERR resplica: the link to the writer ({}) failed; the command may or may not have been applied",
+                    link.node
+                )),
+            ),
+            LinkWait::Yield => self.finish_yield(&link.node, false),
+            _ => {}
+        }
+    }
+
+    // ---- role changes -------------------------------------------------------------------
+
+    fn peer_index(&self, node: &str) -> Option<usize> {
+        self.core.shared.cfg.peers.iter().position(|p| p.id == node)
+    }
+
+    fn become_writer(&self, epoch: u64, handover: bool) {
+        let cfg = &self.core.shared.cfg;
+        let mut replicas = vec![(cfg.node.id.clone(), cfg.redis.address.to_string(), false)];
+        for p in &cfg.peers {
+            replicas.push((p.id.clone(), p.redis.clone(), !handover));
+        }
+        let mut seq = Sequencer::new(
+            &replicas,
+            cfg.replication.write_ack == WriteAck::All,
+            cfg.replication.backlog_bytes.0 as usize,
+        );
+        let now = self.now();
+        {
+            let m = self.members.borrow();
+            for (i, p) in cfg.peers.iter().enumerate() {
+                let live = m.peer(&p.id).is_some_and(|v| m.is_live(v, now) && v.report.role != Some(Role::Writer));
+                if !live {
+                    seq.set_enabled(i + 1, false, false);
+                } else if let Some(v) = m.peer(&p.id) {
+                    self.known_boot.borrow_mut().insert(p.id.clone(), v.report.boot);
+                }
+            }
+        }
+        *self.seq.borrow_mut() = Some(seq);
+        self.gen.set(self.gen.get() + 1);
+        self.members.borrow_mut().became_writer(epoch);
+        let epoch = self.members.borrow().epoch;
+        info!(epoch, handover, "this node is now the writer");
+        let gen = self.gen.get();
+        let mut wakes = Vec::new();
+        for (i, (_, addr, _)) in replicas.iter().enumerate() {
+            let wake = Rc::new(Signal::default());
+            wakes.push(wake.clone());
+            if let Some(me) = self.core.repl.borrow().clone() {
+                monoio::spawn(stream_task(me, i, gen, addr.clone(), wake));
+            }
+        }
+        *self.stream_wakes.borrow_mut() = wakes;
+        self.route_pending();
+    }
+
+    /// Drop the sequencer (after a handover or a yield); blocked clients go to the new writer.
+    fn stop_writer(&self) {
+        let parked = self.seq.borrow_mut().as_mut().map(|s| s.take_parked()).unwrap_or_default();
+        *self.seq.borrow_mut() = None;
+        self.gen.set(self.gen.get() + 1);
+        for w in self.stream_wakes.borrow_mut().drain(..) {
+            w.notify();
+        }
+        for (ticket, client_key, db, proto, frame) in parked {
+            if let Some(sink) = self.tickets.borrow_mut().remove(&ticket) {
+                self.hold(Held { sink, client_key, db, proto, frame, deadline_ms: 0 });
+            }
+        }
+        // Anything else still waiting on a ticket cannot be answered any more.
+        let left: Vec<Sink> = self.tickets.borrow_mut().drain().map(|(_, s)| s).collect();
+        for s in left {
+            deliver_to(&self.core, s, resp::error("ERR resplica: the writer role moved before this was answered"));
+        }
+    }
+
+    pub fn handover_requested(self: &Rc<Self>, conn: Rc<PeerConn>, tag: u64) {
+        if self.members.borrow().role != Role::Writer || self.draining.get() {
+            conn.reply(tag, &resp::error("ERR resplica: not the writer (or busy)"));
+            return;
+        }
+        let to = conn.node.borrow().clone();
+        info!(to = %to, "handing the writer role over: draining");
+        self.draining.set(true);
+        self.members.borrow_mut().busy = true;
+        let me = self.clone();
+        monoio::spawn(async move {
+            let idle = me.wait_idle(Duration::from_secs(5)).await;
+            if idle {
+                let epoch = me.members.borrow().epoch;
+                me.stop_writer();
+                me.members.borrow_mut().follow(&to);
+                conn.reply(tag, &resp::int(epoch as i64));
+                info!(to = %to, epoch, "writer role handed over");
+            } else {
+                conn.reply(tag, &resp::error("ERR resplica: could not drain in time"));
+            }
+            me.draining.set(false);
+            me.members.borrow_mut().busy = false;
+            me.route_pending();
+        });
+    }
+
+    async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.seq.borrow().as_ref().is_none_or(|s| s.is_idle()) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            monoio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn start_yield(self: &Rc<Self>, to: String) {
+        let Some(pi) = self.peer_index(&to) else { return };
+        info!(to = %to, "another writer with a higher priority is back: yielding");
+        self.draining.set(true);
+        self.members.borrow_mut().busy = true;
+        let me = self.clone();
+        monoio::spawn(async move {
+            me.wait_idle(Duration::from_secs(5)).await;
+            let epoch = me.members.borrow().epoch.to_string();
+            let keys = me.seq.borrow().as_ref().and_then(|s| s.missed_keys(pi + 1));
+            let mut owned: Vec<Vec<u8>> = Vec::new();
+            match &keys {
+                Some(ks) => {
+                    for (db, k) in ks {
+                        owned.push(db.to_string().into_bytes());
+                        owned.push(k.to_vec());
+                    }
+                }
+                None => owned.push(b"unknown".to_vec()),
+            }
+            let mut args: Vec<&[u8]> = vec![epoch.as_bytes()];
+            args.extend(owned.iter().map(|v| v.as_slice()));
+            let sent = me.links[pi].send(b"RS.YIELD", &args, LinkWait::Yield);
+            if !sent {
+                me.finish_yield(&to, false);
+            }
+        });
+    }
+
+    fn finish_yield(&self, to: &str, ok: bool) {
+        if ok {
+            self.stop_writer();
+            self.members.borrow_mut().follow(to);
+            info!(to = %to, "yielded the writer role; partition writes sent for merging");
+        } else {
+            warn!(to = %to, "yield failed; still the writer");
+        }
+        self.draining.set(false);
+        self.members.borrow_mut().busy = false;
+        self.route_pending();
+    }
+
+    /// The loser of a partition yields to us with the keys it wrote.
+    pub fn yield_received(&self, from: &str, epoch: u64, keys: Option<Vec<(u32, Bytes)>>) -> Bytes {
+        if self.members.borrow().role != Role::Writer {
+            return resp::error("ERR resplica: not the writer");
+        }
+        let Some(pi) = self.peer_index(from) else { return resp::error("ERR resplica: unknown node") };
+        let n = keys.as_ref().map(|k| k.len());
+        if let Some(s) = self.seq.borrow_mut().as_mut() {
+            s.set_enabled(pi + 1, true, false);
+            s.start_merge(pi + 1, keys);
+        }
+        {
+            let mut m = self.members.borrow_mut();
+            m.epoch = m.epoch.max(epoch) + 1;
+        }
+        if let Some(v) = self.members.borrow().peer(from) {
+            self.known_boot.borrow_mut().insert(from.to_string(), v.report.boot);
+        }
+        info!(from = %from, their_keys = ?n, "partition healed: merging");
+        self.after_seq();
+        resp::simple("OK")
+    }
+
+    // ---- periodic work --------------------------------------------------------------------
+
+    fn tick(self: &Rc<Self>) {
+        let now = self.now();
+        let decision = self.members.borrow_mut().tick(now);
+        match decision {
+            Some(Decision::BecomeWriter { epoch, handover }) => self.become_writer(epoch, handover),
+            Some(Decision::Follow { writer }) => {
+                if self.members.borrow().role == Role::Writer {
+                    self.stop_writer();
+                }
+                info!(writer = %writer, "following");
+                self.members.borrow_mut().follow(&writer);
+            }
+            Some(Decision::AskHandover { peer }) => {
+                if let Some(l) = self.links.iter().find(|l| l.node == peer) {
+                    info!(writer = %peer, "asking the writer to hand the role over");
+                    l.send(b"RS.HANDOVER", &[], LinkWait::Handover);
+                }
+            }
+            Some(Decision::Yield { to }) => self.start_yield(to),
+            None => {}
+        }
+        self.update_streams(now);
+        if let Some(s) = self.seq.borrow_mut().as_mut() {
+            s.tick(unix_ms());
+        }
+        self.after_seq();
+        self.route_pending();
+        self.publish_status(now);
+    }
+
+    /// Enable a peer's stream while its sidecar is live and follows; disable it otherwise
+    /// (before the peer could take the writer role: half the failover timeout).
+    fn update_streams(&self, now: u64) {
+        let cfg = &self.core.shared.cfg;
+        let half = cfg.replication.failover_timeout_ms / 2;
+        let m = self.members.borrow();
+        let mut seq = self.seq.borrow_mut();
+        let Some(seq) = seq.as_mut() else { return };
+        for (i, p) in cfg.peers.iter().enumerate() {
+            let Some(v) = m.peer(&p.id) else { continue };
+            let fresh = v.last_heard_ms.is_some_and(|t| now.saturating_sub(t) <= half);
+            let follows = v.report.role != Some(Role::Writer);
+            let s = i + 1;
+            if !(fresh && follows) {
+                if seq.streams[s].is_enabled() {
+                    seq.set_enabled(s, false, false);
+                }
+            } else if !seq.streams[s].is_enabled() {
+                let known = self.known_boot.borrow().get(&p.id).copied();
+                let rebuild = known != Some(v.report.boot);
+                if rebuild {
+                    info!(peer = %p.id, "peer sidecar (re)started: its Redis will be rebuilt");
+                }
+                seq.set_enabled(s, true, rebuild);
+                self.known_boot.borrow_mut().insert(p.id.clone(), v.report.boot);
+            }
+        }
+    }
+
+    fn publish_status(&self, now: u64) {
+        let cfg = &self.core.shared.cfg;
+        let m = self.members.borrow();
+        let seq = self.seq.borrow();
+        let in_sync = match (m.role, seq.as_ref()) {
+            (Role::Writer, Some(s)) => s.streams[0].state == ReplicaState::InSync,
+            (Role::Follower, _) => {
+                let mine = self.core.redis_run_id.borrow().clone();
+                let w = m.writer.as_deref().and_then(|w| m.peer(w));
+                match w {
+                    Some(w) if m.is_live(w, now) => w.report.replicas.iter().any(|(n, st, run)| {
+                        n == &m.id && *st == ReplicaState::InSync && !mine.is_empty() && *run == mine
+                    }),
+                    // Writer gone: keep serving what we have (availability first).
+                    _ => self.core.shared.local_in_sync.load(Ordering::Relaxed),
+                }
+            }
+            _ => false,
+        };
+        self.core.shared.local_in_sync.store(in_sync, Ordering::Relaxed);
+        let mut t = format!(
+            "node:{}\nrole:{}\nepoch:{}\nwriter:{}\npriority:{}\nlocal_in_sync:{}\n",
+            m.id,
+            m.role.name(),
+            m.epoch,
+            m.writer.clone().unwrap_or_default(),
+            m.priority,
+            in_sync as u8
+        );
+        for p in &m.peers {
+            t.push_str(&format!(
+                "peer:{} link={} priority={} role={} epoch={}\n",
+                p.id,
+                if m.is_live(p, now) { "up" } else { "down" },
+                p.report.priority,
+                p.report.role.map(|r| r.name()).unwrap_or("unknown"),
+                p.report.epoch
+            ));
+        }
+        match seq.as_ref() {
+            Some(s) => {
+                for (i, st) in s.streams.iter().enumerate() {
+                    t.push_str(&format!(
+                        "replica:{} redis={} state={} backlog_bytes={} backlog_entries={} lag={} resyncs={}\n",
+                        st.node,
+                        st.addr,
+                        st.state.name(),
+                        st.backlog_bytes(),
+                        st.backlog_entries(),
+                        s.lag(i),
+                        st.resyncs
+                    ));
+                }
+                t.push_str(&format!(
+                    "merged_keys:{}\nconflict_keys:{}\n",
+                    s.counters.merged_keys, s.counters.conflict_keys
+                ));
+            }
+            None => {
+                let w = m.writer.as_deref().and_then(|w| m.peer(w)).filter(|w| m.is_live(w, now));
+                if let Some(w) = w {
+                    for (n, st, _) in &w.report.replicas {
+                        let addr = if n == &cfg.node.id {
+                            cfg.redis.address.to_string()
+                        } else {
+                            cfg.peers.iter().find(|p| &p.id == n).map(|p| p.redis.clone()).unwrap_or_default()
+                        };
+                        t.push_str(&format!("replica:{n} redis={addr} state={} reported_by={}\n", st.name(), w.id));
+                    }
+                }
+            }
+        }
+        drop(seq);
+        drop(m);
+        if *self.last_status.borrow() != t {
+            if let Ok(mut s) = self.core.shared.status.lock() {
+                s.clone_from(&t);
+            }
+            *self.last_status.borrow_mut() = t;
+        }
+    }
+}
+
+async fn decide_loop(repl: Rc<Repl>) {
+    let tick = Duration::from_millis((repl.heartbeat_ms() / 2).max(10));
+    loop {
+        repl.tick();
+        monoio::time::sleep(tick).await;
+    }
+}
+
+async fn heartbeats(repl: Rc<Repl>) {
+    loop {
+        let text = repl.report_text();
+        for l in &repl.links {
+            l.send(b"RS.HB", &[text.as_bytes()], LinkWait::Heartbeat);
+        }
+        monoio::time::sleep(Duration::from_millis(repl.heartbeat_ms())).await;
+    }
+}
+
+// ---- replica streams ------------------------------------------------------------------------
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))
+}
+
+async fn open_redis(repl: &Repl, addr: &str) -> Result<(TcpStream, String), String> {
+    let cfg = &repl.core.shared.cfg.redis;
+    let sock = resolve(addr)?;
+    let mut s = connect_redis(cfg, sock, 2, 0).await?;
+    let info = roundtrip(&mut s, &[vec![b"INFO".to_vec(), b"server".to_vec()]], cfg.connect_timeout_ms).await?;
+    let text = String::from_utf8_lossy(&info[0]);
+    let run_id = text.lines().find_map(|l| l.strip_prefix("run_id:")).map(|s| s.trim().to_string()).unwrap_or_default();
+    Ok((s, run_id))
+}
+
+fn alive(repl: &Repl, gen: u64) -> bool {
+    repl.gen.get() == gen && repl.seq.borrow().is_some()
+}
+
+async fn stream_task(repl: Rc<Repl>, s: usize, gen: u64, addr: String, wake: Rc<Signal>) {
+    let max_backoff = Duration::from_millis(repl.core.shared.cfg.redis.reconnect_backoff_max_ms.max(10));
+    let limit = Duration::from_millis(repl.core.shared.cfg.redis.request_timeout_ms);
+    let mut backoff = Duration::from_millis(10);
+    let mut warned = false;
+    while alive(&repl, gen) {
+        match open_redis(&repl, &addr).await {
+            Ok((stream, run_id)) if alive(&repl, gen) => {
+                warned = false;
+                backoff = Duration::from_millis(10);
+                if let Some(q) = repl.seq.borrow_mut().as_mut() {
+                    q.on_up(s, &run_id);
+                }
+                repl.after_seq();
+                let seen = Rc::new(Cell::new(0u64));
+                let (rd, wr) = stream.into_split();
+                let reason = monoio::select! {
+                    r = stream_reader(&repl, s, gen, rd, &seen) => r,
+                    r = stream_writer(&repl, s, gen, wr, &wake) => r,
+                    r = stream_watchdog(&repl, s, gen, &seen, limit) => r,
+                };
+                if repl.gen.get() == gen {
+                    if let Some(q) = repl.seq.borrow_mut().as_mut() {
+                        q.on_down(s, &reason);
+                    }
+                    repl.after_seq();
+                }
+            }
+            Ok(_) => return,
+            Err(e) => {
+                if !warned {
+                    warn!(redis = %addr, "cannot reach replica Redis: {e}; retrying");
+                    warned = true;
+                }
+            }
+        }
+        monoio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+async fn stream_writer(
+    repl: &Repl,
+    s: usize,
+    gen: u64,
+    mut wr: monoio::io::OwnedWriteHalf<TcpStream>,
+    wake: &Signal,
+) -> String {
+    loop {
+        if repl.gen.get() != gen {
+            return "no longer the writer".into();
+        }
+        let batch = match repl.seq.borrow_mut().as_mut() {
+            Some(q) if q.streams[s].drop_conn => return "reconnecting to rebuild it".into(),
+            Some(q) => q.take_batch(s),
+            None => return "no longer the writer".into(),
+        };
+        match batch {
+            Some(b) => {
+                if let Err(e) = wr.write_all(b.freeze()).await.0 {
+                    return format!("write: {e}");
+                }
+            }
+            None => wake.wait().await,
+        }
+    }
+}
+
+async fn stream_reader(
+    repl: &Repl,
+    s: usize,
+    gen: u64,
+    mut rd: monoio::io::OwnedReadHalf<TcpStream>,
+    seen: &Cell<u64>,
+) -> String {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut skim = ReplySkimmer::new();
+    loop {
+        let (res, b) = read_more(&mut rd, buf, skim.bytes_hint(0)).await;
+        buf = b;
+        match res {
+            Ok(0) => return "Redis closed the connection".into(),
+            Err(e) => return format!("read: {e}"),
+            Ok(_) => {}
+        }
+        if repl.gen.get() != gen {
+            return "no longer the writer".into();
+        }
+        let now = unix_ms();
+        loop {
+            match skim.next_reply(&mut buf) {
+                Ok(Some(r)) if r.first() == Some(&b'>') => {}
+                Ok(Some(r)) => {
+                    seen.set(seen.get() + 1);
+                    let res = match repl.seq.borrow_mut().as_mut() {
+                        Some(q) => q.on_reply(s, r, now),
+                        None => return "no longer the writer".into(),
+                    };
+                    if let Err(e) = res {
+                        return e.to_string();
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+        repl.after_seq();
+    }
+}
+
+/// Fail the stream when it owes replies and none came for `limit` (Redis stalled).
+async fn stream_watchdog(repl: &Repl, s: usize, gen: u64, seen: &Cell<u64>, limit: Duration) -> String {
+    let tick = super::stall::tick_for(limit);
+    let mut clock = super::stall::StallClock::default();
+    loop {
+        monoio::time::sleep(tick).await;
+        if repl.gen.get() != gen {
+            return "no longer the writer".into();
+        }
+        let waiting = repl.seq.borrow().as_ref().is_some_and(|q| q.lag(s) > 0 && q.streams[s].is_connected());
+        if clock.stalled(waiting, seen.get(), Instant::now(), limit, tick) {
+            return format!("Redis did not answer within {} ms", limit.as_millis());
+        }
+    }
+}
+
+/// Full resync of stream `t`: walk every key of the source replica (SCAN on a connection of
+/// its own) and queue a copy of each through the sequencer, a bounded number at a time.
+async fn scan_task(repl: Rc<Repl>, t: usize, gen: u64) {
+    let (source, addr, node, resyncs) = {
+        let seq = repl.seq.borrow();
+        let Some(q) = seq.as_ref() else { return };
+        let Some(src) = q.resync_source(t) else { return };
+        (src, q.streams[src].addr.clone(), q.streams[t].node.clone(), q.streams[t].resyncs)
+    };
+    let still = |repl: &Repl| {
+        repl.gen.get() == gen
+            && repl.seq.borrow().as_ref().is_some_and(|q| {
+                q.streams[t].state == ReplicaState::Resyncing
+                    && q.streams[t].resyncs == resyncs
+                    && q.resync_source(t) == Some(source)
+            })
+    };
+    let timeout = repl.core.shared.cfg.redis.request_timeout_ms;
+    let Ok((mut conn, _)) = open_redis(&repl, &addr).await else {
+        warn!(replica = %node, "resync: cannot reach the source Redis {addr}");
+        return;
+    };
+    let Ok(info) = roundtrip(&mut conn, &[vec![b"INFO".to_vec(), b"keyspace".to_vec()]], timeout).await else { return };
+    let dbs: Vec<u32> = String::from_utf8_lossy(&info[0])
+        .lines()
+        .filter_map(|l| l.strip_prefix("db")?.split(':').next()?.parse().ok())
+        .collect();
+    let mut copied = 0u64;
+    let mut last_log = Instant::now();
+    for db in dbs {
+        if roundtrip(&mut conn, &[vec![b"SELECT".to_vec(), db.to_string().into_bytes()]], timeout).await.is_err() {
+            return;
+        }
+        let mut cursor = b"0".to_vec();
+        loop {
+            let cmd = vec![b"SCAN".to_vec(), cursor.clone(), b"COUNT".to_vec(), b"512".to_vec()];
+            let Ok(r) = roundtrip(&mut conn, &[cmd], timeout).await else {
+                warn!(replica = %node, "resync: SCAN on the source failed; will retry with a new resync");
+                return;
+            };
+            let Some(parts) = crate::replication::reply::elements(&r[0]) else { return };
+            if parts.len() != 2 {
+                return;
+            }
+            cursor = crate::replication::reply::bulk(&parts[0]).map(|c| c.to_vec()).unwrap_or_else(|| b"0".to_vec());
+            let keys = crate::replication::reply::elements(&parts[1]).unwrap_or_default();
+            for k in keys {
+                let Some(key) = crate::replication::reply::bulk(&k).map(Bytes::copy_from_slice) else { continue };
+                loop {
+                    if !still(&repl) {
+                        return;
+                    }
+                    let out = repl.seq.borrow().as_ref().map(|q| q.copies_outstanding(t)).unwrap_or(0);
+                    if out < COPIES_IN_FLIGHT {
+                        break;
+                    }
+                    monoio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let ok = repl.seq.borrow_mut().as_mut().is_some_and(|q| q.copy_key(db, key, source, t));
+                if !ok {
+                    return;
+                }
+                copied += 1;
+                repl.after_seq();
+            }
+            if last_log.elapsed() > Duration::from_secs(2) {
+                info!(replica = %node, copied, "resync in progress");
+                last_log = Instant::now();
+            }
+            if cursor == b"0" {
+                break;
+            }
+        }
+    }
+    if still(&repl) {
+        if let Some(q) = repl.seq.borrow_mut().as_mut() {
+            q.scan_done(t);
+        }
+        info!(replica = %node, keys = copied, "resync: every key queued; in sync once applied");
+        repl.after_seq();
+    }
+}
+
+// ---- admin port -------------------------------------------------------------------------------
+
+/// RESP on `admin_listen`: `RESPLICA STATUS` (or `STATUS`), `PING`.
+async fn serve_admin(repl: Rc<Repl>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let core = repl.core.clone();
+        monoio::spawn(async move {
+            let (mut rd, mut wr) = stream.into_split();
+            let mut parser = RequestParser::new(1 << 20);
+            let mut buf = BytesMut::with_capacity(4096);
+            loop {
+                let (res, b) = read_more(&mut rd, buf, 0).await;
+                buf = b;
+                if !matches!(res, Ok(n) if n > 0) {
+                    return;
+                }
+                loop {
+                    let req: Request = match parser.parse(&mut buf) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        Err(_) => return,
+                    };
+                    let name = req.arg(0).to_ascii_lowercase();
+                    let is_status = name == b"status"
+                        || (name == b"resplica" && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"status"));
+                    let reply = if is_status {
+                        let text = core.shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                        resp::bulk(text.as_bytes())
+                    } else if name == b"ping" {
+                        resp::simple("PONG")
+                    } else {
+                        resp::error("ERR the admin port answers RESPLICA STATUS and PING")
+                    };
+                    if wr.write_all(reply).await.0.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
