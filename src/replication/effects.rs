@@ -14,8 +14,32 @@ use crate::resp::{parse_int, Request};
 pub struct Shipped {
     /// What the replicas run (the source replica runs this one in every case).
     pub req: Request,
-    /// Set for SPOP: the other replicas get `SREM key <popped members>` instead of `req`.
-    pub spop_key: Option<Bytes>,
+    /// Set when the outcome is not a function of the key's state: the other replicas get
+    /// what the source replica's reply says happened instead of `req`.
+    pub from_reply: Option<FromReply>,
+}
+
+/// How the other replicas' command is made from the source replica's reply.
+#[derive(Debug, Clone)]
+pub enum FromReply {
+    /// SPOP: `SREM key <popped members>`.
+    Spop { key: Bytes },
+    /// XADD with an automatic id (`*`): the same XADD with the id the source chose.
+    XaddId { index: usize },
+}
+
+impl FromReply {
+    /// The command for the other replicas given the source's reply (None: nothing to do).
+    pub fn effect(&self, req: &Request, reply: &Bytes) -> Option<Request> {
+        match self {
+            FromReply::Spop { key } => spop_effect(key, reply),
+            FromReply::XaddId { index } => {
+                let id = reply::bulk(reply)?;
+                let args: Vec<&[u8]> = req.args().enumerate().map(|(i, a)| if i == *index { id } else { a }).collect();
+                Some(Request::from_args(&args))
+            }
+        }
+    }
 }
 
 fn eq(a: &[u8], b: &str) -> bool {
@@ -67,11 +91,39 @@ pub fn rewrite(req: Request, now_ms: u64) -> Shipped {
     } else {
         None
     };
-    let spop_key = (eq(name, "spop") && (args.len() == 2 || args.len() == 3)).then(|| req.arg_bytes(1));
+    let from_reply = if eq(name, "spop") && (args.len() == 2 || args.len() == 3) {
+        Some(FromReply::Spop { key: req.arg_bytes(1) })
+    } else if eq(name, "xadd") {
+        xadd_star(&args).map(|index| FromReply::XaddId { index })
+    } else {
+        None
+    };
     match rebuilt {
-        Some(v) => Shipped { req: Request::from_args(&v), spop_key },
-        None => Shipped { req, spop_key },
+        Some(v) => Shipped { req: Request::from_args(&v), from_reply },
+        None => Shipped { req, from_reply },
     }
+}
+
+/// The index of XADD's `*` id argument, after the key and its options.
+fn xadd_star(args: &[&[u8]]) -> Option<usize> {
+    let mut i = 2;
+    while i < args.len() {
+        let a = args[i];
+        if eq(a, "nomkstream") {
+            i += 1;
+        } else if eq(a, "maxlen") || eq(a, "minid") {
+            i += 1;
+            if i < args.len() && (args[i] == b"=" || args[i] == b"~") {
+                i += 1;
+            }
+            i += 1;
+        } else if eq(a, "limit") {
+            i += 2;
+        } else {
+            return (a == b"*").then_some(i);
+        }
+    }
+    None
 }
 
 /// SET/GETEX with exactly one `EX n` or `PX n` among the options from `from`: replace it
@@ -166,12 +218,22 @@ mod tests {
     #[test]
     fn spop_ships_its_effect() {
         let s = rewrite(Request::from_args(&["SPOP", "s", "2"]), 0);
-        let key = s.spop_key.unwrap();
+        let Some(FromReply::Spop { key }) = s.from_reply else { panic!("spop") };
         let e = spop_effect(&key, &Bytes::from_static(b"*2\r\n$1\r\na\r\n$1\r\nb\r\n")).unwrap();
         assert_eq!(args(&e), ["SREM", "s", "a", "b"]);
         assert!(spop_effect(&key, &Bytes::from_static(b"$-1\r\n")).is_none());
         assert!(spop_effect(&key, &Bytes::from_static(b"*0\r\n")).is_none());
         assert_eq!(args(&spop_effect(&key, &Bytes::from_static(b"$1\r\nz\r\n")).unwrap()), ["SREM", "s", "z"]);
+    }
+
+    #[test]
+    fn xadd_auto_id_ships_the_chosen_id() {
+        let r = Request::from_args(&["XADD", "st", "MAXLEN", "~", "10", "*", "f", "v"]);
+        let s = rewrite(r.clone(), 0);
+        let fr = s.from_reply.unwrap();
+        let e = fr.effect(&s.req, &Bytes::from_static(b"$3\r\n1-0\r\n")).unwrap();
+        assert_eq!(args(&e), ["XADD", "st", "MAXLEN", "~", "10", "1-0", "f", "v"]);
+        assert!(rewrite(Request::from_args(&["XADD", "st", "5-1", "f", "v"]), 0).from_reply.is_none());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 use tracing::{info, warn};
 
-use super::effects::{self, Shipped};
+use super::effects::{self, FromReply, Shipped};
 use super::reply;
 use crate::command::{self, F_BLOCKING};
 use crate::resp::{self, Request};
@@ -245,7 +245,7 @@ struct Parked {
 #[derive(Debug)]
 enum EffectKind {
     /// A block (or a lone command) containing SPOP: per command, the SPOP key if it is one.
-    Block { cmds: Vec<Request>, spops: Vec<Option<Bytes>>, wrapped: bool },
+    Block { cmds: Vec<Request>, spops: Vec<Option<FromReply>>, wrapped: bool },
     /// DUMP + PTTL on the source, RESTORE (or DEL) on `target`.
     Copy { key: Bytes, target: usize },
 }
@@ -514,7 +514,7 @@ impl Sequencer {
             return;
         }
         let shipped = effects::rewrite(req, now_ms);
-        if shipped.spop_key.is_some() {
+        if shipped.from_reply.is_some() {
             return self.submit_block(o, primary, vec![shipped.req], Shape::Plain, None, now_ms);
         }
         let keys = self.note_write(o.db, &shipped.req);
@@ -566,7 +566,7 @@ impl Sequencer {
                 _ => all_keys = None,
             }
         }
-        let has_spop = shipped.iter().any(|s| s.spop_key.is_some());
+        let has_spop = shipped.iter().any(|s| s.from_reply.is_some());
         let wrapped = shape != Shape::Plain;
         let reqs: Vec<Request> = shipped.iter().map(|s| s.req.clone()).collect();
         let to_send = if wrapped { wrap_block(&reqs) } else { reqs.clone() };
@@ -574,7 +574,7 @@ impl Sequencer {
         let replies = to_send.len() as u32;
         let seq = self.alloc();
         if has_spop {
-            let spops = shipped.iter().map(|s| s.spop_key.clone()).collect();
+            let spops = shipped.iter().map(|s| s.from_reply.clone()).collect();
             self.push_entry(primary, seq, o.db, o.proto, Payload::Cmd { frame: frame.clone(), replies }, changes_db);
             for s in 0..self.streams.len() {
                 if s != primary && self.receives(s) {
@@ -878,7 +878,7 @@ impl Sequencer {
                         .zip(&spops)
                         .zip(&results)
                         .filter_map(|((c, sp), r)| match sp {
-                            Some(key) => effects::spop_effect(key, r),
+                            Some(fr) => fr.effect(c, r),
                             None => Some(c.clone()),
                         })
                         .collect();

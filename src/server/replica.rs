@@ -344,7 +344,11 @@ impl Repl {
         {
             let m = self.members.borrow();
             for (i, p) in cfg.peers.iter().enumerate() {
-                let live = m.peer(&p.id).is_some_and(|v| m.is_live(v, now) && v.report.role != Some(Role::Writer));
+                // After a handover the previous writer (still reported as writer for a
+                // moment) follows us, its Redis in sync: keep its stream.
+                let live = m
+                    .peer(&p.id)
+                    .is_some_and(|v| m.is_live(v, now) && (handover || v.report.role != Some(Role::Writer)));
                 if !live {
                     seq.set_enabled(i + 1, false, false);
                 } else if let Some(v) = m.peer(&p.id) {
@@ -538,7 +542,8 @@ impl Repl {
         for (i, p) in cfg.peers.iter().enumerate() {
             let Some(v) = m.peer(&p.id) else { continue };
             let fresh = v.last_heard_ms.is_some_and(|t| now.saturating_sub(t) <= half);
-            let follows = v.report.role != Some(Role::Writer);
+            // A peer still reported as writer at an older epoch has handed over (or yielded).
+            let follows = v.report.role != Some(Role::Writer) || v.report.epoch < m.epoch;
             let s = i + 1;
             if !(fresh && follows) {
                 if seq.streams[s].is_enabled() {
