@@ -145,6 +145,12 @@ pub fn key_indices(def: &CommandDef, req: &Request) -> SmallVec<[usize; 4]> {
 /// Whether the command may change data: flagged `write` or `may_replicate` by Redis (EVAL,
 /// FCALL, ...), or unknown to the table (a module command: treated as a
 /// write to be safe).
+/// Whether a command must reach every replica of a pair: writes, and PUBLISH/SPUBLISH (a
+/// subscriber on any node must get each message once).
+pub fn replicates(def: Option<&CommandDef>) -> bool {
+    is_write(def) || def.is_some_and(|d| d.name == "publish" || d.name == "spublish")
+}
+
 pub fn is_write(def: Option<&CommandDef>) -> bool {
     match def {
         Some(d) => d.flags & (F_WRITE | F_MAY_REPLICATE) != 0,

@@ -429,8 +429,17 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
         Lane::Shared(owner) if owner == core.idx => {
             let proto = client.session.borrow().proto;
             let seq = client.push_pending(Some(f.tag), f.discard);
+            let pair = !core.shared.cfg.peers.is_empty();
+            let frame = if pair { Some(f.frame.clone()) } else { None };
             if let Err(reply) = core.lane(proto).enqueue(f.db, f.frame, Sink::Local(client.clone(), seq)) {
-                client.fill(seq, reply);
+                match frame {
+                    // Pair mode: the local Redis is down; the writer's replicas serve the read.
+                    Some(frame) => {
+                        core.shared.local_in_sync.store(false, std::sync::atomic::Ordering::Relaxed);
+                        send_writer(client, seq, f.db, proto, frame);
+                    }
+                    None => client.fill(seq, reply),
+                }
             }
         }
         Lane::Shared(owner) => {
@@ -452,26 +461,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
         Lane::Writer => {
             let proto = client.session.borrow().proto;
             let seq = client.push_pending(Some(f.tag), f.discard);
-            if core.idx == 0 {
-                let repl = core.repl.borrow().clone();
-                match repl {
-                    Some(r) => r.submit_client(Sink::Local(client.clone(), seq), client.id, f.db, proto, f.frame),
-                    None => client.fill(seq, resp::error("ERR resplica: this node has no peers")),
-                }
-            } else {
-                core.send(
-                    0,
-                    CoreMsg::Request {
-                        from: core.idx,
-                        client: client.id,
-                        seq,
-                        db: f.db,
-                        proto,
-                        frame: f.frame,
-                        writer: true,
-                    },
-                );
-            }
+            send_writer(client, seq, f.db, proto, f.frame);
         }
         Lane::Dedicated => {
             let (db, proto) = {
@@ -549,6 +539,20 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 d.db = client.session.borrow().db;
             }
         }
+    }
+}
+
+/// Send a request on the pair's writer path (core 0's replication shell).
+fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, frame: bytes::Bytes) {
+    let core = &client.core;
+    if core.idx == 0 {
+        let repl = core.repl.borrow().clone();
+        match repl {
+            Some(r) => r.submit_client(Sink::Local(client.clone(), seq), client.id, db, proto, frame),
+            None => client.fill(seq, resp::error("ERR resplica: this node has no peers")),
+        }
+    } else {
+        core.send(0, CoreMsg::Request { from: core.idx, client: client.id, seq, db, proto, frame, writer: true });
     }
 }
 

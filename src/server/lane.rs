@@ -115,6 +115,11 @@ impl Lane {
         Ok(())
     }
 
+    /// Whether the connection to Redis is up.
+    pub fn is_connected(&self) -> bool {
+        self.st.borrow().connected
+    }
+
     /// Stop reconnecting (graceful shutdown).
     pub fn stop(&self) {
         self.st.borrow_mut().stopping = true;

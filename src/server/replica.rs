@@ -67,6 +67,8 @@ pub(crate) struct Repl {
     known_boot: RefCell<HashMap<String, u64>>,
     /// Peers whose partition writes we wait for (they are writers too).
     last_status: RefCell<String>,
+    /// Send a heartbeat now (our role changed: peers should know at once).
+    hb_now: Signal,
 }
 
 impl Repl {
@@ -100,6 +102,7 @@ impl Repl {
             stream_wakes: RefCell::new(Vec::new()),
             known_boot: RefCell::new(HashMap::new()),
             last_status: RefCell::new(String::new()),
+            hb_now: Signal::default(),
         });
         monoio::spawn(peer::serve(repl.clone(), peer_listener));
         if let Some(l) = admin {
@@ -195,7 +198,7 @@ impl Repl {
         if reqs.is_empty() {
             return deliver_to(&self.core, h.sink, resp::error("ERR resplica: empty request on the writer path"));
         }
-        let write = reqs.len() > 1 || command::is_write(command::lookup(&reqs[0]));
+        let write = reqs.len() > 1 || command::replicates(command::lookup(&reqs[0]));
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
         self.tickets.borrow_mut().insert(ticket, h.sink);
@@ -361,6 +364,7 @@ impl Repl {
         self.members.borrow_mut().became_writer(epoch);
         let epoch = self.members.borrow().epoch;
         info!(epoch, handover, "this node is now the writer");
+        self.hb_now.notify();
         let gen = self.gen.get();
         let mut wakes = Vec::new();
         for (i, (_, addr, _)) in replicas.iter().enumerate() {
@@ -376,6 +380,7 @@ impl Repl {
 
     /// Drop the sequencer (after a handover or a yield); blocked clients go to the new writer.
     fn stop_writer(&self) {
+        self.hb_now.notify();
         let parked = self.seq.borrow_mut().as_mut().map(|s| s.take_parked()).unwrap_or_default();
         *self.seq.borrow_mut() = None;
         self.gen.set(self.gen.get() + 1);
@@ -504,6 +509,9 @@ impl Repl {
     fn tick(self: &Rc<Self>) {
         let now = self.now();
         let decision = self.members.borrow_mut().tick(now);
+        if decision.is_some() {
+            self.hb_now.notify();
+        }
         match decision {
             Some(Decision::BecomeWriter { epoch, handover }) => self.become_writer(epoch, handover),
             Some(Decision::Follow { writer }) => {
@@ -568,14 +576,18 @@ impl Repl {
         let in_sync = match (m.role, seq.as_ref()) {
             (Role::Writer, Some(s)) => s.streams[0].state == ReplicaState::InSync,
             (Role::Follower, _) => {
-                let mine = self.core.redis_run_id.borrow().clone();
+                let mine = if self.core.lanes[0].is_connected() {
+                    self.core.redis_run_id.borrow().clone()
+                } else {
+                    String::new()
+                };
                 let w = m.writer.as_deref().and_then(|w| m.peer(w));
                 match w {
                     Some(w) if m.is_live(w, now) => w.report.replicas.iter().any(|(n, st, run)| {
                         n == &m.id && *st == ReplicaState::InSync && !mine.is_empty() && *run == mine
                     }),
                     // Writer gone: keep serving what we have (availability first).
-                    _ => self.core.shared.local_in_sync.load(Ordering::Relaxed),
+                    _ => self.core.shared.local_in_sync.load(Ordering::Relaxed) && !mine.is_empty(),
                 }
             }
             _ => false,
@@ -658,7 +670,10 @@ async fn heartbeats(repl: Rc<Repl>) {
         for l in &repl.links {
             l.send(b"RS.HB", &[text.as_bytes()], LinkWait::Heartbeat);
         }
-        monoio::time::sleep(Duration::from_millis(repl.heartbeat_ms())).await;
+        monoio::select! {
+            _ = monoio::time::sleep(Duration::from_millis(repl.heartbeat_ms())) => {},
+            _ = repl.hb_now.wait() => {},
+        }
     }
 }
 
