@@ -47,6 +47,53 @@ struct Cli {
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print a running node's replication status (role, epoch, each replica's state,
+    /// backlog and lag) from its admin port.
+    Status {
+        /// The node's admin_listen address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
+        admin: String,
+    },
+}
+
+/// `resplica status --admin ADDR`: RESPLICA STATUS over the admin port, printed as text.
+fn status(admin: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let addr = admin
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {admin}"))?
+        .next()
+        .with_context(|| format!("{admin} resolves to nothing"))?;
+    let timeout = std::time::Duration::from_secs(3);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot reach {admin}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"*2\r\n$8\r\nRESPLICA\r\n$6\r\nSTATUS\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = s.read(&mut chunk).with_context(|| format!("no answer from {admin}"))?;
+        if n == 0 {
+            anyhow::bail!("{admin} closed the connection");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
+        if buf[0] != b'$' {
+            anyhow::bail!("unexpected answer: {}", String::from_utf8_lossy(&buf[..eol]));
+        }
+        let len: usize = std::str::from_utf8(&buf[1..eol])?.parse()?;
+        if buf.len() >= eol + 2 + len {
+            print!("{}", String::from_utf8_lossy(&buf[eol + 2..eol + 2 + len]));
+            return Ok(());
+        }
+    }
 }
 
 fn parse_driver(s: &str) -> Result<IoDriver, String> {
@@ -104,6 +151,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Status { admin }) = &cli.command {
+        return status(admin);
+    }
     let cfg = load(&cli)?;
     if cli.check {
         println!("configuration OK");

@@ -135,6 +135,8 @@ pub struct Stream {
     /// The shell should drop and reopen the connection (backlog overflow while connected).
     pub drop_conn: bool,
     pub errors: u64,
+    /// A partition merge decided while the connection was down: run once it is up.
+    pending_merge: Option<Option<Vec<(u32, Bytes)>>>,
 }
 
 impl Stream {
@@ -160,6 +162,7 @@ impl Stream {
             missed_all: false,
             drop_conn: false,
             errors: 0,
+            pending_merge: None,
         }
     }
 
@@ -174,6 +177,10 @@ impl Stream {
     }
     pub fn is_enabled(&self) -> bool {
         self.enabled
+    }
+    /// Commands written and not answered yet (the stall watchdog's question).
+    pub fn awaiting_replies(&self) -> bool {
+        !self.expect.is_empty()
     }
     /// True when the shell has something to write on this stream.
     pub fn has_unsent(&self) -> bool {
@@ -1154,7 +1161,11 @@ impl Sequencer {
             if !st.connected || !st.enabled || st.state != ReplicaState::Down || st.drop_conn {
                 continue;
             }
-            if st.needs_resync {
+            if let Some(theirs) = self.streams[s].pending_merge.take() {
+                self.start_merge(s, theirs);
+                continue;
+            }
+            if self.streams[s].needs_resync {
                 self.start_resync(s);
             } else {
                 let until = self.next_seq - 1;
@@ -1245,10 +1256,15 @@ impl Sequencer {
     /// keys we wrote (conflicts included: we have the higher priority) are copied there.
     /// Returns false when the merge must fall back to a full resync.
     pub fn start_merge(&mut self, target: usize, theirs: Option<Vec<(u32, Bytes)>>) {
-        let Some(local) = self.primary().filter(|&p| p != target) else { return };
+        let Some(local) = self.primary().filter(|&p| p != target) else {
+            self.streams[target].pending_merge = Some(theirs);
+            return;
+        };
         let st = &mut self.streams[target];
+        st.enabled = true;
         if !st.connected {
-            st.needs_resync = true;
+            st.pending_merge = Some(theirs);
+            st.state = ReplicaState::Down;
             return;
         }
         let ours_all = st.missed_all;

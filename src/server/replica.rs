@@ -489,7 +489,6 @@ impl Repl {
         let Some(pi) = self.peer_index(from) else { return resp::error("ERR resplica: unknown node") };
         let n = keys.as_ref().map(|k| k.len());
         if let Some(s) = self.seq.borrow_mut().as_mut() {
-            s.set_enabled(pi + 1, true, false);
             s.start_merge(pi + 1, keys);
         }
         {
@@ -819,7 +818,7 @@ async fn stream_watchdog(repl: &Repl, s: usize, gen: u64, seen: &Cell<u64>, limi
         if repl.gen.get() != gen {
             return "no longer the writer".into();
         }
-        let waiting = repl.seq.borrow().as_ref().is_some_and(|q| q.lag(s) > 0 && q.streams[s].is_connected());
+        let waiting = repl.seq.borrow().as_ref().is_some_and(|q| q.streams[s].awaiting_replies());
         if clock.stalled(waiting, seen.get(), Instant::now(), limit, tick) {
             return format!("Redis did not answer within {} ms", limit.as_millis());
         }
