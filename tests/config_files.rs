@@ -1,6 +1,5 @@
-//! The shipped example configs: the single-node ones are accepted as they are; the pair
-//! examples are refused (naming `peers`) until active-active replication exists, instead of
-//! running a "pair" that silently does not replicate.
+//! The shipped example configs are accepted as they are; a pair without its shared secret
+//! is refused naming the field.
 
 use std::process::Command;
 
@@ -22,12 +21,30 @@ fn single_node_examples_are_valid() {
 }
 
 #[test]
-fn pair_examples_are_refused_naming_peers() {
+fn pair_examples_are_valid() {
     for f in ["pair-a.toml", "pair-b.toml"] {
         let (ok, text) = check(f);
-        assert!(!ok, "conf/{f} accepted although replication does not exist yet");
-        assert!(text.contains("`peers`"), "conf/{f}: {text}");
+        assert!(ok, "conf/{f} rejected: {text}");
+        assert!(text.contains("configuration OK"), "{text}");
     }
+}
+
+#[test]
+fn pair_without_secret_is_refused_naming_it() {
+    let path = std::env::temp_dir().join(format!("resplica-nosecret-{}.toml", std::process::id()));
+    std::fs::write(&path, "[[peers]]\nid = \"b\"\naddress = \"127.0.0.1:7391\"\nredis = \"127.0.0.1:6390\"\n")
+        .expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_resplica"))
+        .args(["--config", path.to_str().unwrap_or_default(), "--check"])
+        .output()
+        .expect("run resplica --check");
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replication.secret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use resplica::resp::ReplySkimmer;
 
+pub mod pair;
+
 /// How long a process may take to become ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default read timeout of helper connections: a hang shows as an error, never as a stuck test.
