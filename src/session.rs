@@ -685,11 +685,7 @@ impl Session {
                     if !self.inflight.only_on(Lane::Writer) {
                         return Some(Action::Wait);
                     }
-                    if name == b"watch" {
-                        self.pair_watching = true;
-                    } else {
-                        self.pair_watching = false;
-                    }
+                    self.pair_watching = name == b"watch";
                     Some(self.forward(req, Lane::Writer, Scope::All, DedicatedUse::No, def))
                 }
                 _ => None,

@@ -294,6 +294,17 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         read_loop(client.clone(), rd).await;
         let _ = writer.await;
         client.kill();
+        if !core.shared.cfg.peers.is_empty() {
+            // Its WATCH and blocked pops live at the writer's sequencer: forget them.
+            if core.idx == 0 {
+                let repl = core.repl.borrow().clone();
+                if let Some(r) = repl {
+                    r.client_gone(client.id);
+                }
+            } else {
+                core.send(0, CoreMsg::ClientGone { client: client.id });
+            }
+        }
         core.clients.borrow_mut().remove(&client.id);
         if let Ok(mut reg) = core.shared.registry.lock() {
             reg.remove(&client.id);

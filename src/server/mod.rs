@@ -57,6 +57,8 @@ pub(crate) enum CoreMsg {
     Reply { client: u64, seq: u64, reply: Bytes },
     /// CLIENT KILL from a client of another core.
     Kill { client: u64 },
+    /// Pair mode: a client of another core disconnected (for the writer's WATCH/pop state).
+    ClientGone { client: u64 },
     /// Stop accepting, finish in-flight commands.
     Shutdown,
 }
@@ -412,6 +414,12 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
                     let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
                     if let Some(c) = c {
                         c.kill();
+                    }
+                }
+                CoreMsg::ClientGone { client } => {
+                    let repl = core.repl.borrow().clone();
+                    if let Some(r) = repl {
+                        r.client_gone(client);
                     }
                 }
                 CoreMsg::Shutdown => core.shutdown.notify(),

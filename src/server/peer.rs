@@ -7,6 +7,7 @@
 //! - `RS.HB tag <report>`: heartbeat; the reply is the receiver's own report.
 //! - `RS.FWD tag db proto client frame`: run a client's request at the writer.
 //! - `RS.HANDOVER tag`: the caller (higher priority, in sync) asks for the writer role.
+//! - `RS.GONE tag client`: a forwarding client disconnected (drop its WATCH, blocked pops).
 //! - `RS.YIELD tag epoch db key db key ...`: a writer that lost a partition yields, naming
 //!   the keys it wrote while cut off.
 //!
@@ -175,6 +176,11 @@ fn handle(repl: &Rc<Repl>, conn: &Rc<PeerConn>, req: Request) {
             repl.submit_forwarded(held);
         }
         b"rs.handover" => repl.handover_requested(conn.clone(), tag),
+        b"rs.gone" if req.len() == 3 => {
+            let node = conn.node.borrow().clone();
+            repl.client_key_gone(client_key(&node, resp::parse_int(req.arg(2)).unwrap_or(0) as u64));
+            conn.reply(tag, &resp::simple("OK"));
+        }
         b"rs.yield" if req.len() >= 3 => {
             let epoch = resp::parse_int(req.arg(2)).unwrap_or(0) as u64;
             let keys = if req.len() > 3 && req.arg(3) == b"unknown" {
@@ -211,6 +217,8 @@ pub(crate) enum LinkWait {
     Forward(Held),
     Handover,
     Yield,
+    /// Nothing to do with the reply.
+    Ignore,
 }
 
 /// Our outgoing connection to one peer: heartbeats, forwarded requests, handover/yield.

@@ -308,6 +308,27 @@ impl Repl {
                 let ok = !resp::is_error(&reply);
                 self.finish_yield(&link.node, ok);
             }
+            LinkWait::Ignore => {}
+        }
+    }
+
+    /// One of this node's clients disconnected.
+    pub fn client_gone(&self, client_id: u64) {
+        let key = peer::client_key(self.node_id(), client_id);
+        if self.members.borrow().role == Role::Writer {
+            self.client_key_gone(key);
+        } else {
+            let writer = self.members.borrow().writer.clone();
+            if let Some(link) = writer.as_deref().and_then(|w| self.links.iter().find(|l| l.node == w)) {
+                let id = key.to_string();
+                link.send(b"RS.GONE", &[id.as_bytes()], LinkWait::Ignore);
+            }
+        }
+    }
+
+    pub fn client_key_gone(&self, key: u64) {
+        if let Some(s) = self.seq.borrow_mut().as_mut() {
+            s.client_gone(key);
         }
     }
 
