@@ -564,7 +564,7 @@ impl Session {
     /// Route an ordinary command to a shared lane, holding it back if it could overtake one
     /// of this client's in-flight commands.
     fn route(&mut self, req: &Request, def: Option<&'static CommandDef>, env: &SessionEnv) -> Action {
-        let write = if env.pair { command::replicates(def) } else { command::is_write(def) };
+        let write = if env.pair { command::replicates(def, req) } else { command::is_write(def) };
         let local = if env.pair && !env.local_in_sync.load(std::sync::atomic::Ordering::Relaxed) {
             Lane::Writer
         } else {

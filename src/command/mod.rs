@@ -142,18 +142,24 @@ pub fn key_indices(def: &CommandDef, req: &Request) -> SmallVec<[usize; 4]> {
     out
 }
 
-/// Whether the command may change data: flagged `write` or `may_replicate` by Redis (EVAL,
-/// FCALL, ...), or unknown to the table (a module command: treated as a
-/// write to be safe).
-/// Whether a command must reach every replica of a pair: writes, and PUBLISH/SPUBLISH (a
-/// subscriber on any node must get each message once).
-pub fn replicates(def: Option<&CommandDef>) -> bool {
-    is_write(def) || def.is_some_and(|d| d.name == "publish" || d.name == "spublish")
+/// Whether a command must reach every replica of a pair: writes; PUBLISH/SPUBLISH (a
+/// subscriber on any node must get each message once); SCRIPT LOAD/FLUSH (EVALSHA is
+/// shipped as it is, so every Redis needs the same script cache).
+pub fn replicates(def: Option<&CommandDef>, req: &Request) -> bool {
+    is_write(def)
+        || def.is_some_and(|d| d.name == "publish" || d.name == "spublish")
+        || (req.len() >= 2
+            && req.arg(0).eq_ignore_ascii_case(b"script")
+            && (req.arg(1).eq_ignore_ascii_case(b"load") || req.arg(1).eq_ignore_ascii_case(b"flush")))
 }
 
+/// Whether the command may change data: flagged `write` or `may_replicate` by Redis, or
+/// unknown to the table (a module command: treated as a write to be safe). Redis 7.0's
+/// COMMAND INFO does not show `may_replicate`, so the scripting commands that carry it
+/// (EVAL, EVALSHA, FCALL) are named here.
 pub fn is_write(def: Option<&CommandDef>) -> bool {
     match def {
-        Some(d) => d.flags & (F_WRITE | F_MAY_REPLICATE) != 0,
+        Some(d) => d.flags & (F_WRITE | F_MAY_REPLICATE) != 0 || matches!(d.name, "eval" | "evalsha" | "fcall"),
         None => true,
     }
 }

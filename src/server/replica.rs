@@ -198,7 +198,7 @@ impl Repl {
         if reqs.is_empty() {
             return deliver_to(&self.core, h.sink, resp::error("ERR resplica: empty request on the writer path"));
         }
-        let write = reqs.len() > 1 || command::replicates(command::lookup(&reqs[0]));
+        let write = reqs.len() > 1 || command::replicates(command::lookup(&reqs[0]), &reqs[0]);
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
         self.tickets.borrow_mut().insert(ticket, h.sink);

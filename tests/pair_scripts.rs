@@ -1,0 +1,38 @@
+//! Scripts and functions in a pair: shipped verbatim to every Redis (they must be
+//! deterministic), with the script cache kept the same everywhere so EVALSHA works on
+//! every replica.
+
+mod common;
+
+use common::pair::Pair;
+
+fn on_both(pair: &Pair, key: &str) -> Vec<Option<String>> {
+    pair.nodes().iter().map(|n| redis::cmd("GET").arg(key).query(&mut n.redis_conn()).expect("GET on Redis")).collect()
+}
+
+#[test]
+fn eval_evalsha_and_functions_reach_both_redis() {
+    let pair = Pair::start();
+    let (mut ca, mut cb) = (pair.a.conn(), pair.b.conn());
+    let script = "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])";
+    let n: i64 = redis::cmd("EVAL").arg(script).arg(2).arg("sc:k").arg("sc:n").arg("v1").query(&mut cb).expect("EVAL");
+    assert_eq!(n, 1);
+    assert_eq!(on_both(&pair, "sc:k"), vec![Some("v1".to_string()); 2]);
+
+    let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(script).query(&mut ca).expect("SCRIPT LOAD");
+    let n: i64 =
+        redis::cmd("EVALSHA").arg(&sha).arg(2).arg("sc:k").arg("sc:n").arg("v2").query(&mut cb).expect("EVALSHA");
+    assert_eq!(n, 2);
+    assert_eq!(
+        on_both(&pair, "sc:n"),
+        vec![Some("2".to_string()); 2],
+        "EVALSHA applied on both (script cache replicated)"
+    );
+
+    let lib = "#!lua name=sclib\nredis.register_function('bump', function(keys, args) return redis.call('INCRBY', keys[1], args[1]) end)";
+    let _: String = redis::cmd("FUNCTION").arg("LOAD").arg(lib).query(&mut cb).expect("FUNCTION LOAD");
+    let v: i64 = redis::cmd("FCALL").arg("bump").arg(1).arg("sc:f").arg(5).query(&mut ca).expect("FCALL");
+    assert_eq!(v, 5);
+    assert_eq!(on_both(&pair, "sc:f"), vec![Some("5".to_string()); 2]);
+    pair.assert_converged();
+}
