@@ -60,6 +60,13 @@ fn absolute(n: &[u8], unit_ms: i64, now_ms: u64, positive_only: bool) -> Option<
 /// Rewrite `req` (a write) for shipping at time `now_ms` (Unix milliseconds).
 pub fn rewrite(req: Request, now_ms: u64) -> Shipped {
     let name = req.arg(0);
+    // Hot path: most writes are none of the commands below (and SET without options).
+    let candidate = matches!(name.len(), 3..=9)
+        && matches!(name[0].to_ascii_lowercase(), b'e' | b'p' | b's' | b'g' | b'r' | b'x')
+        && !(eq(name, "set") && req.len() <= 3);
+    if !candidate {
+        return Shipped { req, from_reply: None };
+    }
     let args: Vec<&[u8]> = req.args().collect();
     let rebuilt: Option<Vec<Vec<u8>>> = if eq(name, "expire") || eq(name, "pexpire") {
         let unit = if eq(name, "expire") { 1000 } else { 1 };
