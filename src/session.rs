@@ -476,7 +476,11 @@ impl Session {
         };
 
         if self.raw {
-            // Pub/sub or MONITOR: the dedicated connection carries everything from now on.
+            // Pub/sub or MONITOR: the dedicated connection carries everything from now on,
+            // except (pair mode, RESP3) writes, which must go through the writer.
+            if env.pair && command::replicates(def, req) && !is_pubsub_command(name) {
+                return self.forward(req, Lane::Writer, Scope::All, DedicatedUse::No, def);
+            }
             if name == b"select" {
                 if let Some(db) = req.len().eq(&2).then(|| parse_int(req.arg(1))).flatten() {
                     self.db = db.max(0) as u32;
@@ -545,6 +549,14 @@ impl Session {
             return self.forward(req, Lane::Writer, Scope::All, DedicatedUse::No, def);
         }
         let starts_tracking = name == b"client" && req.len() > 1 && req.arg(1).eq_ignore_ascii_case(b"tracking");
+        if env.pair && self.tracking && command::replicates(def, req) {
+            // Tracking keeps reads on the dedicated connection (where Redis records what the
+            // client read); writes still go through the writer.
+            if !self.inflight.only_on(Lane::Writer) {
+                return Action::Wait;
+            }
+            return self.forward(req, Lane::Writer, Scope::All, DedicatedUse::No, def);
+        }
         if blocking || self.tracking || starts_tracking || name == b"multi" || name == b"watch" {
             if !self.inflight.only_on(Lane::Dedicated) {
                 return Action::Wait;
@@ -1157,6 +1169,13 @@ fn valid_name(name: &[u8]) -> Result<(), Bytes> {
 }
 
 /// `SCRIPT KILL` and `FUNCTION KILL`.
+fn is_pubsub_command(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" | b"monitor"
+    )
+}
+
 fn is_script_kill(name: &[u8], req: &Request) -> bool {
     matches!(name, b"script" | b"function") && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"kill")
 }

@@ -1,6 +1,6 @@
-//! Scripts and functions in a pair: shipped verbatim to every Redis (they must be
-//! deterministic), with the script cache kept the same everywhere so EVALSHA works on
-//! every replica.
+//! Pair mode paths off the common one: scripts and functions (shipped verbatim to every
+//! Redis, with the script cache kept the same everywhere so EVALSHA works on every replica)
+//! and clients whose reads stay on a dedicated connection (CLIENT TRACKING).
 
 mod common;
 
@@ -35,4 +35,15 @@ fn eval_evalsha_and_functions_reach_both_redis() {
     assert_eq!(v, 5);
     assert_eq!(on_both(&pair, "sc:f"), vec![Some("5".to_string()); 2]);
     pair.assert_converged();
+}
+
+#[test]
+fn writes_of_a_tracking_client_still_reach_both_redis() {
+    let pair = Pair::start();
+    let mut cb = pair.b.conn();
+    let _: () = redis::cmd("CLIENT").arg("TRACKING").arg("ON").query(&mut cb).expect("CLIENT TRACKING ON");
+    let _: () = redis::cmd("SET").arg("tr:k").arg("v").query(&mut cb).expect("SET");
+    let v: Option<String> = redis::cmd("GET").arg("tr:k").query(&mut cb).expect("GET");
+    assert_eq!(v.as_deref(), Some("v"), "read-your-writes on the tracking connection");
+    assert_eq!(on_both(&pair, "tr:k"), vec![Some("v".to_string()); 2]);
 }
