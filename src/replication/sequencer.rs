@@ -440,11 +440,21 @@ impl Sequencer {
         self.parked.drain(..).map(|p| (p.ticket, p.client_key, p.db, p.proto, p.req.frame)).collect()
     }
 
-    /// A client went away: forget its WATCH and blocked pops.
-    pub fn client_gone(&mut self, client_key: u64) {
+    /// A client went away: forget its WATCH and blocked pops. Returns the tickets of the
+    /// pops, which will never be answered.
+    pub fn client_gone(&mut self, client_key: u64) -> Vec<Ticket> {
         self.watches.remove(&client_key);
-        self.parked.retain(|p| p.client_key != client_key);
+        let mut gone = Vec::new();
+        self.parked.retain(|p| {
+            if p.client_key == client_key {
+                gone.push(p.ticket);
+                false
+            } else {
+                true
+            }
+        });
         self.stop_tracking_if_idle();
+        gone
     }
 
     fn stop_tracking_if_idle(&mut self) {

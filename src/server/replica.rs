@@ -327,8 +327,9 @@ impl Repl {
     }
 
     pub fn client_key_gone(&self, key: u64) {
-        if let Some(s) = self.seq.borrow_mut().as_mut() {
-            s.client_gone(key);
+        let tickets = self.seq.borrow_mut().as_mut().map(|s| s.client_gone(key)).unwrap_or_default();
+        for t in tickets {
+            self.tickets.borrow_mut().remove(&t);
         }
     }
 

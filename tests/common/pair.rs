@@ -405,6 +405,16 @@ impl Node {
         }
     }
 
+    /// SIGSTOP the sidecar: alive but frozen (a stalled process, not a dead one).
+    pub fn freeze_proxy(&self) {
+        super::signal(self.proxy_pid(), libc::SIGSTOP);
+    }
+
+    /// SIGCONT after `freeze_proxy`.
+    pub fn thaw_proxy(&self) {
+        super::signal(self.proxy_pid(), libc::SIGCONT);
+    }
+
     pub fn proxy_pid(&self) -> u32 {
         self.child.as_ref().expect("sidecar is not running").id()
     }
@@ -451,6 +461,8 @@ impl Drop for Node {
                 self.log.display(),
                 tail(&self.log, 80)
             );
+        } else if std::env::var_os("RESPLICA_IT_KEEP_LOGS").is_some() {
+            eprintln!("resplica node {} log kept at {}", self.id, self.log.display());
         } else {
             let _ = std::fs::remove_file(&self.log);
             let _ = std::fs::remove_file(&self.config);
@@ -496,6 +508,10 @@ pub struct PairOpts {
     /// Route each side's links to the other side (its peer_listen and its Redis) through a
     /// `LinkRelay`, so the test can cut them.
     pub relays: bool,
+    /// `[node] io_driver` of both nodes (the default when `None`).
+    pub io_driver: Option<&'static str>,
+    /// A different secret for node b (to test that the peer link refuses it).
+    pub b_secret: Option<String>,
 }
 
 impl Default for PairOpts {
@@ -507,6 +523,8 @@ impl Default for PairOpts {
             threads: 2,
             secret: "pair-test-secret".into(),
             relays: false,
+            io_driver: None,
+            b_secret: None,
         }
     }
 }
@@ -547,6 +565,7 @@ struct Ports {
 #[allow(clippy::too_many_arguments)]
 fn node_toml(
     opts: &PairOpts,
+    secret: &str,
     id: &str,
     priority: u32,
     me: &Ports,
@@ -555,8 +574,10 @@ fn node_toml(
     peer_addr: u16,
     peer_redis: u16,
 ) -> String {
+    let driver = opts.io_driver.map(|d| format!("io_driver = \"{d}\"\n")).unwrap_or_default();
     format!(
         "[node]\n\
+         {driver}\
          id = \"{id}\"\n\
          priority = {priority}\n\
          listen = \"127.0.0.1:{}\"\n\
@@ -581,7 +602,7 @@ fn node_toml(
         opts.write_ack,
         opts.failover_timeout_ms,
         opts.backlog_bytes,
-        opts.secret
+        secret
     )
 }
 
@@ -614,8 +635,18 @@ impl Pair {
             Some(r) => (r.a_to_b_peer.port, r.a_to_b_redis.port, r.b_to_a_peer.port, r.b_to_a_redis.port),
             None => (pb.peer, rb.port, pa.peer, ra.port),
         };
-        let ta = node_toml(&opts, "a", 100, &pa, ra.port, "b", a_sees_b_peer, a_sees_b_redis);
-        let tb = node_toml(&opts, "b", 90, &pb, rb.port, "a", b_sees_a_peer, b_sees_a_redis);
+        let ta = node_toml(&opts, &opts.secret, "a", 100, &pa, ra.port, "b", a_sees_b_peer, a_sees_b_redis);
+        let tb = node_toml(
+            &opts,
+            opts.b_secret.as_deref().unwrap_or(&opts.secret),
+            "b",
+            90,
+            &pb,
+            rb.port,
+            "a",
+            b_sees_a_peer,
+            b_sees_a_redis,
+        );
         let mk = |id: &str, priority: u32, p: &Ports, text: String, redis: RedisServer| {
             let config = temp_path(&format!("pair-{id}"), "toml");
             std::fs::write(&config, &text).expect("write config");
