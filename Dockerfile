@@ -23,7 +23,7 @@ RUN groupadd --system --gid 10001 resplica \
 COPY --from=builder /out/resplica /usr/local/bin/resplica
 COPY conf/resplica.toml /etc/resplica/resplica.toml
 USER resplica:resplica
-# 7380 clients; 7381 (peer link) and 7382 (admin) are reserved for active-active pairs
+# 7380 clients, 7381 peer link (pairs), 7382 admin (status)
 EXPOSE 7380 7381 7382
 ENTRYPOINT ["resplica"]
 CMD ["--config", "/etc/resplica/resplica.toml"]
