@@ -351,6 +351,29 @@ fn write_keys(db: u32, req: &Request) -> Option<SmallVec<[(u32, Bytes); 2]>> {
     Some(idx.iter().map(|&i| (db, req.arg_bytes(i))).collect())
 }
 
+/// The keys of every write in a frame (one command or a MULTI block), by database.
+fn frame_keys(db: u32, frame: &Bytes) -> Option<Vec<(u32, Bytes)>> {
+    let mut buf = BytesMut::from(&frame[..]);
+    let mut parser = crate::resp::RequestParser::new(usize::MAX >> 1);
+    let mut db = db;
+    let mut out = Vec::new();
+    while let Ok(Some(r)) = parser.parse(&mut buf) {
+        let name = r.arg(0);
+        if name.eq_ignore_ascii_case(b"multi") || name.eq_ignore_ascii_case(b"exec") {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"select") && r.len() == 2 {
+            db = crate::resp::parse_int(r.arg(1))?.max(0) as u32;
+            continue;
+        }
+        if !command::replicates(command::lookup(&r), &r) {
+            continue;
+        }
+        out.extend(write_keys(db, &r)?);
+    }
+    Some(out)
+}
+
 /// Seconds (a float) as milliseconds; `None` for 0 (block forever) or garbage.
 fn timeout_ms(arg: &[u8], seconds: bool) -> Option<u64> {
     let s = std::str::from_utf8(arg).ok()?;
@@ -789,11 +812,16 @@ impl Sequencer {
             }
             st.unsent += 1;
         }
+        // Skipped entries with nothing in flight before them are done now (no reply will
+        // come to complete them).
+        self.drain_empty_expects(s, 0);
+        self.release();
         Some(out)
     }
 
     /// A reply arrived on stream `s`. `Err` means the stream is out of step (drop it).
     pub fn on_reply(&mut self, s: usize, reply: Bytes, now_ms: u64) -> Result<(), &'static str> {
+        self.drain_empty_expects(s, now_ms);
         {
             let st = &mut self.streams[s];
             let Some(front) = st.expect.front_mut() else { return Err("a reply nobody asked for") };
@@ -1037,7 +1065,25 @@ impl Sequencer {
             st.unsent = 0;
             st.cur_db = None;
             if in_flight || st.state == ReplicaState::Resyncing {
-                // Which in-flight writes were applied is unknowable: rebuild it later.
+                // Which in-flight writes were applied is unknowable: rebuild it later. Their
+                // keys count as missed (a partition merge must copy them).
+                let mut keys: Vec<(u32, Bytes)> = Vec::new();
+                let mut unknown = false;
+                for e in &st.log {
+                    match &e.payload {
+                        Payload::Cmd { frame, .. } if !e.copy => match frame_keys(e.db, frame) {
+                            Some(ks) => keys.extend(ks),
+                            None => unknown = true,
+                        },
+                        Payload::Pending if !e.copy => unknown = true,
+                        _ => {}
+                    }
+                }
+                if unknown {
+                    st.note_missed(None);
+                } else {
+                    st.note_missed(Some(&keys));
+                }
                 st.needs_resync = true;
                 st.resync = None;
                 st.clear_log();

@@ -261,6 +261,18 @@ impl PeerLink {
         true
     }
 
+    /// Give up on every forwarded request still waiting for its reply.
+    pub fn fail_forwards(&self, repl: &Repl) {
+        let tags: Vec<u64> =
+            self.waiting.borrow().iter().filter(|(_, w)| matches!(w, LinkWait::Forward(_))).map(|(t, _)| *t).collect();
+        for t in tags {
+            let w = self.waiting.borrow_mut().remove(&t);
+            if let Some(w) = w {
+                repl.link_failed(self, w);
+            }
+        }
+    }
+
     /// Forward a client's request to the writer at the other end.
     pub fn forward(&self, h: Held, client_id: u64) -> Result<(), Held> {
         if !self.connected.get() {

@@ -69,6 +69,9 @@ pub(crate) struct Repl {
     last_status: RefCell<String>,
     /// Send a heartbeat now (our role changed: peers should know at once).
     hb_now: Signal,
+    /// When this node last started following a writer: only a report heard after it may
+    /// say our Redis is in sync.
+    followed_at: Cell<u64>,
 }
 
 impl Repl {
@@ -103,6 +106,7 @@ impl Repl {
             known_boot: RefCell::new(HashMap::new()),
             last_status: RefCell::new(String::new()),
             hb_now: Signal::default(),
+            followed_at: Cell::new(0),
         });
         monoio::spawn(peer::serve(repl.clone(), peer_listener));
         if let Some(l) = admin {
@@ -188,7 +192,18 @@ impl Repl {
         self.pending.borrow_mut().push_back(h);
     }
 
+    /// Start following `writer`: reads stop using the local Redis until the writer says it
+    /// is in sync.
+    fn follow(&self, writer: &str) {
+        self.members.borrow_mut().follow(writer);
+        self.followed_at.set(self.now());
+        self.core.shared.local_in_sync.store(false, Ordering::Relaxed);
+    }
+
     fn sequence(&self, h: Held) {
+        // Lease: a writer that was paused (SIGSTOP, a long GC-like stall) must notice peers
+        // it has not heard from before writing their Redis again.
+        self.update_streams(self.now());
         let mut reqs = Vec::new();
         let mut buf = BytesMut::from(&h.frame[..]);
         let mut parser = RequestParser::new(usize::MAX >> 1);
@@ -384,6 +399,11 @@ impl Repl {
         *self.seq.borrow_mut() = Some(seq);
         self.gen.set(self.gen.get() + 1);
         self.members.borrow_mut().became_writer(epoch);
+        // Requests forwarded to the old writer and not answered: their fate is unknown, and
+        // the old writer may never answer (dead, or paused).
+        for l in &self.links {
+            l.fail_forwards(self);
+        }
         let epoch = self.members.borrow().epoch;
         info!(epoch, handover, "this node is now the writer");
         self.hb_now.notify();
@@ -436,7 +456,7 @@ impl Repl {
             if idle {
                 let epoch = me.members.borrow().epoch;
                 me.stop_writer();
-                me.members.borrow_mut().follow(&to);
+                me.follow(&to);
                 conn.reply(tag, &resp::int(epoch as i64));
                 info!(to = %to, epoch, "writer role handed over");
             } else {
@@ -493,7 +513,7 @@ impl Repl {
     fn finish_yield(&self, to: &str, ok: bool) {
         if ok {
             self.stop_writer();
-            self.members.borrow_mut().follow(to);
+            self.follow(to);
             info!(to = %to, "yielded the writer role; partition writes sent for merging");
         } else {
             warn!(to = %to, "yield failed; still the writer");
@@ -540,7 +560,7 @@ impl Repl {
                     self.stop_writer();
                 }
                 info!(writer = %writer, "following");
-                self.members.borrow_mut().follow(&writer);
+                self.follow(&writer);
             }
             Some(Decision::AskHandover { peer }) => {
                 if let Some(l) = self.links.iter().find(|l| l.node == peer) {
@@ -571,8 +591,7 @@ impl Repl {
         for (i, p) in cfg.peers.iter().enumerate() {
             let Some(v) = m.peer(&p.id) else { continue };
             let fresh = v.last_heard_ms.is_some_and(|t| now.saturating_sub(t) <= half);
-            // A peer still reported as writer at an older epoch has handed over (or yielded).
-            let follows = v.report.role != Some(Role::Writer) || v.report.epoch < m.epoch;
+            let follows = v.report.role != Some(Role::Writer);
             let s = i + 1;
             if !(fresh && follows) {
                 if seq.streams[s].is_enabled() {
@@ -604,9 +623,11 @@ impl Repl {
                 };
                 let w = m.writer.as_deref().and_then(|w| m.peer(w));
                 match w {
-                    Some(w) if m.is_live(w, now) => w.report.replicas.iter().any(|(n, st, run)| {
-                        n == &m.id && *st == ReplicaState::InSync && !mine.is_empty() && *run == mine
-                    }),
+                    Some(w) if m.is_live(w, now) && w.last_heard_ms.is_some_and(|t| t > self.followed_at.get()) => {
+                        w.report.replicas.iter().any(|(n, st, run)| {
+                            n == &m.id && *st == ReplicaState::InSync && !mine.is_empty() && *run == mine
+                        })
+                    }
                     // Writer gone: keep serving what we have (availability first).
                     _ => self.core.shared.local_in_sync.load(Ordering::Relaxed) && !mine.is_empty(),
                 }
