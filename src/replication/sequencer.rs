@@ -1141,7 +1141,13 @@ impl Sequencer {
                     self.effects.insert(seq, eff);
                 }
                 (_, Some(eff)) => {
-                    if let EffectKind::Copy { target, .. } = eff.kind {
+                    if let EffectKind::Copy { target, key } = eff.kind {
+                        // The copy will never come: unblock the target's stream.
+                        self.fill(target, seq, None);
+                        if self.streams[target].state != ReplicaState::Resyncing {
+                            warn!(key = %String::from_utf8_lossy(&key), "a partition merge copy was lost with its source");
+                            self.counters.lost_partition_writes = true;
+                        }
                         self.abort_resync(target, "its source replica went down");
                     } else {
                         for t in 0..self.streams.len() {

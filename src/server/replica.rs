@@ -65,6 +65,9 @@ pub(crate) struct Repl {
     stream_wakes: RefCell<Vec<Rc<Signal>>>,
     /// Peer boot ids seen when their streams were last enabled (continuity check).
     known_boot: RefCell<HashMap<String, u64>>,
+    /// Peers that yielded to us and may still report themselves as writer for a moment:
+    /// their streams stay enabled (the merge is running on them).
+    yielded: RefCell<std::collections::HashSet<String>>,
     /// Peers whose partition writes we wait for (they are writers too).
     last_status: RefCell<String>,
     /// Send a heartbeat now (our role changed: peers should know at once).
@@ -104,6 +107,7 @@ impl Repl {
             links: cfg.peers.iter().map(|p| PeerLink::new(&p.id, &p.address)).collect(),
             stream_wakes: RefCell::new(Vec::new()),
             known_boot: RefCell::new(HashMap::new()),
+            yielded: RefCell::new(Default::default()),
             last_status: RefCell::new(String::new()),
             hb_now: Signal::default(),
             followed_at: Cell::new(0),
@@ -533,6 +537,7 @@ impl Repl {
         if let Some(s) = self.seq.borrow_mut().as_mut() {
             s.start_merge(pi + 1, keys);
         }
+        self.yielded.borrow_mut().insert(from.to_string());
         {
             let mut m = self.members.borrow_mut();
             m.epoch = m.epoch.max(epoch) + 1;
@@ -591,7 +596,12 @@ impl Repl {
         for (i, p) in cfg.peers.iter().enumerate() {
             let Some(v) = m.peer(&p.id) else { continue };
             let fresh = v.last_heard_ms.is_some_and(|t| now.saturating_sub(t) <= half);
-            let follows = v.report.role != Some(Role::Writer);
+            let follows = if v.report.role == Some(Role::Writer) {
+                self.yielded.borrow().contains(&p.id)
+            } else {
+                self.yielded.borrow_mut().remove(&p.id);
+                true
+            };
             let s = i + 1;
             if !(fresh && follows) {
                 if seq.streams[s].is_enabled() {
