@@ -577,7 +577,10 @@ impl Session {
     /// of this client's in-flight commands.
     fn route(&mut self, req: &Request, def: Option<&'static CommandDef>, env: &SessionEnv) -> Action {
         let write = if env.pair { command::replicates(def, req) } else { command::is_write(def) };
-        let local = if env.pair && !env.local_in_sync.load(std::sync::atomic::Ordering::Relaxed) {
+        // A client that WATCHes reads at the writer: what it reads is then at least as new as
+        // its watch point whatever `write_ack` is.
+        let local = if env.pair && (self.pair_watching || !env.local_in_sync.load(std::sync::atomic::Ordering::Relaxed))
+        {
             Lane::Writer
         } else {
             Lane::Shared(self.core)
@@ -725,7 +728,7 @@ impl Session {
                     return Some(Action::Wait);
                 }
                 self.in_multi = false;
-                self.pair_watching = false;
+                let watched = std::mem::take(&mut self.pair_watching);
                 let queued = std::mem::take(&mut self.queued);
                 if std::mem::take(&mut self.queue_failed) {
                     return Some(
@@ -733,7 +736,10 @@ impl Session {
                     );
                 }
                 let mut block = BytesMut::new();
-                block.extend_from_slice(&Request::from_args(&[b"MULTI"]).frame);
+                // `MULTI WATCHED` tells the sequencer to check this client's WATCH (and to
+                // abort if it has no record of it: the writer changed since).
+                let head: &[&[u8]] = if watched { &[b"MULTI", b"WATCHED"] } else { &[b"MULTI"] };
+                block.extend_from_slice(&Request::from_args(head).frame);
                 for q in &queued {
                     block.extend_from_slice(q);
                 }

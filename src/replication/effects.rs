@@ -186,7 +186,8 @@ pub fn spop_effect(key: &Bytes, reply: &Bytes) -> Option<Request> {
 pub fn copy_effect(key: &[u8], dump: &Bytes, pttl: &Bytes, now_ms: u64) -> Request {
     let ttl = reply::int(pttl).unwrap_or(-1);
     match reply::bulk(dump) {
-        Some(payload) if ttl != -2 => {
+        // PTTL 0: it expires this very millisecond; treat it as gone.
+        Some(payload) if ttl != -2 && ttl != 0 => {
             let at = if ttl > 0 { (now_ms as i64 + ttl).to_string() } else { "0".to_string() };
             let mut v: Vec<&[u8]> = vec![b"RESTORE", key, at.as_bytes(), payload, b"REPLACE"];
             if ttl > 0 {

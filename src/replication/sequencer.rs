@@ -236,6 +236,12 @@ struct Waiter {
     reply: Option<(usize, Bytes)>,
     /// For `Shape::Blocking`: what to park if it would block.
     parked: Option<Parked>,
+    /// A write to one of its keys was sequenced after it (a blocking pop that finds nothing
+    /// is then tried again instead of parked).
+    touched: bool,
+    /// For writes shipped as effects: the stream that ran the original (the client's reply
+    /// comes from it, not from the others' SREM).
+    source: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +311,11 @@ pub struct Sequencer {
     replies: Vec<(Ticket, Bytes)>,
     /// Streams that entered a full resync and need the shell's key scan.
     scans: Vec<usize>,
+    /// Clients that disconnected recently: a pop of theirs still in flight is not parked.
+    gone: VecDeque<u64>,
+    /// Blocking pops sequenced and not answered yet (so the per-write checks for them cost
+    /// nothing when there are none).
+    blocking_in_flight: usize,
     pub counters: Counters,
 }
 
@@ -349,6 +360,24 @@ fn write_keys(db: u32, req: &Request) -> Option<SmallVec<[(u32, Bytes); 2]>> {
         return None;
     }
     Some(idx.iter().map(|&i| (db, req.arg_bytes(i))).collect())
+}
+
+/// The keys of every write in a stream's log (not yet acknowledged there); `true` when some
+/// cannot be known.
+fn log_keys(st: &Stream) -> (Vec<(u32, Bytes)>, bool) {
+    let mut keys: Vec<(u32, Bytes)> = Vec::new();
+    let mut unknown = false;
+    for e in &st.log {
+        match &e.payload {
+            Payload::Cmd { frame, .. } if !e.copy => match frame_keys(e.db, frame) {
+                Some(ks) => keys.extend(ks),
+                None => unknown = true,
+            },
+            Payload::Pending if !e.copy => unknown = true,
+            _ => {}
+        }
+    }
+    (keys, unknown)
 }
 
 /// The keys of every write in a frame (one command or a MULTI block), by database.
@@ -415,8 +444,15 @@ impl Sequencer {
             watch_floor: 0,
             replies: Vec::new(),
             scans: Vec::new(),
+            gone: VecDeque::new(),
+            blocking_in_flight: 0,
             counters: Counters::default(),
         }
+    }
+
+    /// Every replica is connected, enabled, in sync, with nothing waiting for it.
+    pub fn all_in_sync(&self) -> bool {
+        self.streams.iter().all(|s| s.connected && s.enabled && s.state == ReplicaState::InSync && s.log.is_empty())
     }
 
     /// The last sequence number handed out.
@@ -467,6 +503,10 @@ impl Sequencer {
     /// pops, which will never be answered.
     pub fn client_gone(&mut self, client_key: u64) -> Vec<Ticket> {
         self.watches.remove(&client_key);
+        self.gone.push_back(client_key);
+        if self.gone.len() > 1024 {
+            self.gone.pop_front();
+        }
         let mut gone = Vec::new();
         self.parked.retain(|p| {
             if p.client_key == client_key {
@@ -494,6 +534,21 @@ impl Sequencer {
     /// `write` says whether it must reach every replica (else it runs on the primary only).
     pub fn submit(&mut self, o: Origin, reqs: Vec<Request>, write: bool, now_ms: u64) {
         let Some(first) = reqs.first() else { return };
+        // Requests come from clients and peers: check what the table can before anything
+        // below indexes arguments (Redis's own error for the client).
+        let inner = if reqs.len() >= 2 { &reqs[1..reqs.len() - 1] } else { &reqs[..] };
+        for r in inner {
+            if let Some(d) = command::lookup(r) {
+                let n = r.len() as i64;
+                let arity = d.arity as i64;
+                if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
+                    return self.error(
+                        o.ticket,
+                        &format!("ERR wrong number of arguments for '{}' command", d.name.to_ascii_lowercase()),
+                    );
+                }
+            }
+        }
         let name = first.arg(0);
         if reqs.len() == 1 && name.eq_ignore_ascii_case(b"watch") {
             return self.watch(o, &reqs[0]);
@@ -511,15 +566,22 @@ impl Sequencer {
         };
         if reqs.len() >= 2 {
             // MULTI ... EXEC: the client's WATCH is checked here, where every write is seen.
+            // `MULTI WATCHED`: the client watched keys; without a record of it here (the
+            // writer changed since the WATCH) the transaction cannot be checked: abort it.
+            let watched = first.len() == 2 && first.arg(1).eq_ignore_ascii_case(b"watched");
             let inner: Vec<Request> = reqs[1..reqs.len() - 1].to_vec();
-            if let Some(w) = self.watches.remove(&o.client_key) {
-                let touched = w.seq < self.watch_floor
-                    || w.keys.iter().any(|k| self.last_write.get(k).is_some_and(|&s| s > w.seq));
-                self.stop_tracking_if_idle();
-                if touched {
-                    self.replies.push((o.ticket, null_array(o.proto)));
-                    return;
+            let record = self.watches.remove(&o.client_key);
+            let touched = match &record {
+                None => true,
+                Some(w) => {
+                    w.seq < self.watch_floor
+                        || w.keys.iter().any(|k| self.last_write.get(k).is_some_and(|&s| s > w.seq))
                 }
+            };
+            self.stop_tracking_if_idle();
+            if watched && touched {
+                self.replies.push((o.ticket, null_array(o.proto)));
+                return;
             }
             return self.submit_block(o, primary, inner, Shape::Block, None, now_ms);
         }
@@ -550,6 +612,8 @@ impl Sequencer {
                 shape: Shape::Plain,
                 reply: None,
                 parked: None,
+                touched: false,
+                source: None,
             });
             return;
         }
@@ -573,6 +637,8 @@ impl Sequencer {
             shape: Shape::Plain,
             reply: None,
             parked: None,
+            touched: false,
+            source: None,
         });
         self.wake_parked(keys.as_deref(), now_ms);
     }
@@ -638,7 +704,19 @@ impl Sequencer {
             }
         }
         self.note_missed_all(all_keys.as_deref());
-        self.waiters.push_back(Waiter { seq, ticket: o.ticket, read_only: false, shape, reply: None, parked });
+        if shape == Shape::Blocking {
+            self.blocking_in_flight += 1;
+        }
+        self.waiters.push_back(Waiter {
+            seq,
+            ticket: o.ticket,
+            read_only: false,
+            shape,
+            reply: None,
+            parked,
+            touched: false,
+            source: has_spop.then_some(primary),
+        });
         if shape != Shape::Blocking {
             self.wake_parked(all_keys.as_deref(), now_ms);
         }
@@ -653,13 +731,29 @@ impl Sequencer {
         let seq = self.next_seq - 1;
         let w = self.watches.entry(o.client_key).or_insert(Watch { seq, keys: Vec::new() });
         w.keys.extend((1..req.len()).map(|i| (o.db, req.arg_bytes(i))));
-        self.replies.push((o.ticket, resp::simple("OK")));
+        // Answered once every write sequenced before it is applied: what the client reads
+        // next is then at least as new as the watch point.
+        let at = self.alloc();
+        self.waiters.push_back(Waiter {
+            seq: at,
+            ticket: o.ticket,
+            read_only: false,
+            shape: Shape::Plain,
+            reply: Some((usize::MAX, resp::simple("OK"))),
+            parked: None,
+            touched: false,
+            source: None,
+        });
+        self.release();
     }
 
     /// Remember a write's keys for WATCH; returns them (None = unknown keys).
     fn note_write(&mut self, db: u32, req: &Request) -> Option<Vec<(u32, Bytes)>> {
         let tracking = !self.watches.is_empty();
-        let need = tracking || !self.parked.is_empty() || self.streams.iter().any(|s| s.state != ReplicaState::InSync);
+        let need = tracking
+            || !self.parked.is_empty()
+            || self.blocking_in_flight > 0
+            || self.streams.iter().any(|s| s.state != ReplicaState::InSync);
         if !need {
             return Some(Vec::new());
         }
@@ -696,6 +790,17 @@ impl Sequencer {
 
     /// Retry parked blocking commands whose keys this write touched.
     fn wake_parked(&mut self, keys: Option<&[(u32, Bytes)]>, now_ms: u64) {
+        for w in self.waiters.iter_mut().filter(|_| self.blocking_in_flight > 0) {
+            if let (Shape::Blocking, Some(p)) = (w.shape, &w.parked) {
+                let hit = match keys {
+                    None => true,
+                    Some(ks) => p.keys.iter().any(|k| ks.iter().any(|(d, kk)| *d == p.db && kk == k)),
+                };
+                if hit {
+                    w.touched = true;
+                }
+            }
+        }
         if self.parked.is_empty() {
             return;
         }
@@ -758,10 +863,11 @@ impl Sequencer {
             _ => 64,
         };
         let limit = self.backlog_limit;
+        let is_primary = self.primary() == Some(s);
         let st = &mut self.streams[s];
         st.log.push_back(Entry { seq, db, proto, payload, bytes, changes_db, copy: false });
         st.bytes += bytes;
-        if st.bytes > limit && s != 0 {
+        if st.bytes > limit && !is_primary {
             warn!(replica = %st.node, redis = %st.addr, limit, "backlog overflowed: the replica will be fully resynced");
             st.clear_log();
             st.needs_resync = true;
@@ -888,6 +994,11 @@ impl Sequencer {
             if let Ok(i) = self.waiters.binary_search_by_key(&seq, |w| w.seq) {
                 let primary = self.primary();
                 let w = &mut self.waiters[i];
+                if w.source.is_some_and(|src| src != s) {
+                    // The others ran the effect (SREM ...), not what the client sent.
+                    self.check_progress(s);
+                    return;
+                }
                 let reply = match w.shape {
                     Shape::Plain if got.len() == 1 => got[0].clone(),
                     Shape::Plain => {
@@ -985,19 +1096,44 @@ impl Sequencer {
 
     /// Deliver every waiter at the front whose acknowledgement rule is met.
     fn release(&mut self) {
+        let mut retry = Vec::new();
+        self.release_into(&mut retry);
+        for p in retry {
+            let Some(primary) = self.primary() else {
+                self.parked.push(p);
+                continue;
+            };
+            let o = Origin { ticket: p.ticket, client_key: p.client_key, db: p.db, proto: p.proto };
+            let req = p.req.clone();
+            self.submit_block(o, primary, vec![req], Shape::Blocking, Some(p), 0);
+        }
+    }
+
+    fn release_into(&mut self, retry: &mut Vec<Parked>) {
         let primary = self.primary();
         while let Some(w) = self.waiters.front() {
             if !self.satisfied(w, primary) {
                 break;
             }
             let Some(w) = self.waiters.pop_front() else { break };
+            if w.shape == Shape::Blocking {
+                self.blocking_in_flight = self.blocking_in_flight.saturating_sub(1);
+            }
             let Some((_, reply)) = w.reply else { continue };
             if w.shape == Shape::Blocking {
                 match reply::elements(&reply) {
                     Some(inner) if inner.len() == 1 => {
                         if reply::is_null(&inner[0]) {
                             if let Some(p) = w.parked {
-                                self.parked.push(p);
+                                if self.gone.contains(&p.client_key) {
+                                    continue;
+                                }
+                                if w.touched {
+                                    // A write to its keys came after it: try again, after it.
+                                    retry.push(p);
+                                } else {
+                                    self.parked.push(p);
+                                }
                                 continue;
                             }
                         }
@@ -1067,18 +1203,7 @@ impl Sequencer {
             if in_flight || st.state == ReplicaState::Resyncing {
                 // Which in-flight writes were applied is unknowable: rebuild it later. Their
                 // keys count as missed (a partition merge must copy them).
-                let mut keys: Vec<(u32, Bytes)> = Vec::new();
-                let mut unknown = false;
-                for e in &st.log {
-                    match &e.payload {
-                        Payload::Cmd { frame, .. } if !e.copy => match frame_keys(e.db, frame) {
-                            Some(ks) => keys.extend(ks),
-                            None => unknown = true,
-                        },
-                        Payload::Pending if !e.copy => unknown = true,
-                        _ => {}
-                    }
-                }
+                let (keys, unknown) = log_keys(st);
                 if unknown {
                     st.note_missed(None);
                 } else {
@@ -1107,6 +1232,9 @@ impl Sequencer {
             st.clear_log();
         }
         if !enabled {
+            // Writes not yet applied there: their keys count as missed for a merge.
+            let (keys, unknown) = log_keys(st);
+            st.note_missed(if unknown { None } else { Some(&keys) });
             if st.state == ReplicaState::Resyncing {
                 st.needs_resync = true;
                 st.resync = None;
@@ -1139,6 +1267,16 @@ impl Sequencer {
                     self.fill(t, seq, Some((frame, replies)));
                     eff.source = t;
                     self.effects.insert(seq, eff);
+                    // The old source, if it replays its backlog later, must get the effect,
+                    // not run the original again (another member would be popped).
+                    if let Ok(i) = self.streams[s].log.binary_search_by_key(&seq, |e| e.seq) {
+                        if i >= self.streams[s].unsent {
+                            self.streams[s].log[i].payload = Payload::Pending;
+                        }
+                    }
+                    if let Ok(i) = self.waiters.binary_search_by_key(&seq, |w| w.seq) {
+                        self.waiters[i].source = Some(t);
+                    }
                 }
                 (_, Some(eff)) => {
                     if let EffectKind::Copy { target, key } = eff.kind {
@@ -1206,12 +1344,23 @@ impl Sequencer {
 
     /// Re-decide every down stream that could start (catch-up, resync, or in sync).
     fn evaluate_all(&mut self) {
-        // The local Redis is the authority when nothing is in sync yet (a new writer).
+        // A new writer: the first replica not marked for rebuilding becomes the reference
+        // (the local Redis, unless it was not in sync when this node took the role). Only if
+        // every replica is reachable and every one needs rebuilding (all restarted empty)
+        // does the local one become the reference anyway.
         if self.primary().is_none() {
-            let st = &mut self.streams[0];
-            if st.connected && st.enabled && st.state == ReplicaState::Down && st.log.is_empty() {
+            let ready = |st: &Stream| st.connected && st.enabled && st.state == ReplicaState::Down && st.log.is_empty();
+            let pick = (0..self.streams.len())
+                .find(|&i| ready(&self.streams[i]) && !self.streams[i].needs_resync)
+                .or_else(|| {
+                    (self.streams.iter().all(|st| st.connected && st.enabled && st.needs_resync)
+                        && ready(&self.streams[0]))
+                    .then_some(0)
+                });
+            if let Some(i) = pick {
+                let st = &mut self.streams[i];
                 if st.needs_resync {
-                    warn!(redis = %st.addr, "no replica in sync: the local Redis becomes the reference copy");
+                    warn!(redis = %st.addr, "every Redis needs rebuilding: the local one becomes the reference copy");
                 }
                 st.needs_resync = false;
                 st.state = ReplicaState::InSync;
@@ -1268,6 +1417,11 @@ impl Sequencer {
     /// The stream a resync of `t` copies from, while it is in progress.
     pub fn resync_source(&self, t: usize) -> Option<usize> {
         (self.streams[t].state == ReplicaState::Resyncing).then(|| self.primary()).flatten().filter(|&p| p != t)
+    }
+
+    /// Give up the resync of `t` (its key scan failed): it starts again on a new connection.
+    pub fn restart_resync(&mut self, t: usize, why: &str) {
+        self.abort_resync(t, why);
     }
 
     /// Key copies queued for `t` and not yet applied (the shell throttles on it).
@@ -1329,7 +1483,9 @@ impl Sequencer {
             st.state = ReplicaState::Down;
             return;
         }
-        let ours_all = st.missed_all;
+        // A rebuild was due anyway (its Redis restarted, or this writer cannot prove what
+        // it holds): after their keys are copied over, it is rebuilt from us entirely.
+        let ours_all = st.missed_all || st.needs_resync || theirs.is_none();
         let ours: HashSet<(u32, Bytes)> = std::mem::take(&mut st.missed);
         st.clear_log();
         st.needs_resync = false;
@@ -1527,12 +1683,70 @@ mod tests {
         let mut s = seq2(false);
         s.submit(o(1), req(&["WATCH", "k"]), false, 0);
         s.submit(o(2), req(&["SET", "k", "x"]), true, 0);
-        let block =
-            vec![Request::from_args(&["MULTI"]), Request::from_args(&["SET", "k", "y"]), Request::from_args(&["EXEC"])];
+        let block = vec![
+            Request::from_args(&["MULTI", "WATCHED"]),
+            Request::from_args(&["SET", "k", "y"]),
+            Request::from_args(&["EXEC"]),
+        ];
         s.submit(o(1), block, true, 0);
         let r = s.take_replies();
-        assert_eq!(r.len(), 2);
+        assert_eq!(r.len(), 2, "{r:?}");
         assert_eq!(&r[1].1[..], b"*-1\r\n");
+        // Without a record of the WATCH (another writer took it), a watched EXEC aborts too.
+        let block = vec![
+            Request::from_args(&["MULTI", "WATCHED"]),
+            Request::from_args(&["SET", "k", "z"]),
+            Request::from_args(&["EXEC"]),
+        ];
+        s.submit(o(3), block, true, 0);
+        assert_eq!(&s.take_replies()[0].1[..], b"*-1\r\n");
+    }
+
+    #[test]
+    fn an_spop_that_pops_nothing_does_not_hold_up_the_other_stream() {
+        let mut s = seq2(true);
+        s.submit(o(1), req(&["SPOP", "nokey"]), true, 0);
+        s.submit(o(2), req(&["SET", "k", "v"]), true, 0);
+        let _ = s.take_batch(0);
+        for r in [resp::simple("OK"), resp::null(2), resp::simple("OK")] {
+            s.on_reply(0, r, 0).unwrap();
+        }
+        let b = text(&s.take_batch(1).unwrap());
+        assert!(!b.contains("SREM") && b.contains("SET"), "{b}");
+        s.on_reply(1, resp::simple("OK"), 0).unwrap();
+        s.on_reply(1, resp::simple("OK"), 0).unwrap();
+        assert_eq!(s.take_replies().len(), 2, "both answered, nothing stuck");
+        assert_eq!(s.lag(1), 0);
+    }
+
+    #[test]
+    fn a_push_sequenced_while_a_pop_is_in_flight_wakes_it() {
+        let mut s = seq2(false);
+        s.submit(o(1), req(&["BLPOP", "l", "0"]), true, 0);
+        s.submit(o(2), req(&["RPUSH", "l", "x"]), true, 0);
+        let _ = s.take_batch(0);
+        // The pop ran before the push: nothing to pop; it must be tried again, not parked.
+        for r in [
+            resp::simple("OK"),
+            resp::simple("OK"),
+            resp::simple("QUEUED"),
+            Bytes::from_static(b"*1\r\n*-1\r\n"),
+            resp::int(1),
+        ] {
+            s.on_reply(0, r, 0).unwrap();
+        }
+        let again = text(&s.take_batch(0).unwrap());
+        assert!(again.contains("BLPOP"), "{again}");
+    }
+
+    #[test]
+    fn requests_with_wrong_arity_are_refused_before_use() {
+        let mut s = seq2(false);
+        s.submit(o(1), req(&["BLMPOP"]), true, 0);
+        s.submit(o(2), req(&["EXPIRE", "k"]), true, 0);
+        let r = s.take_replies();
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|(_, e)| e.starts_with(b"-ERR wrong number of arguments")), "{r:?}");
     }
 
     #[test]

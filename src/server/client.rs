@@ -292,8 +292,6 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         let (rd, wr) = stream.into_split();
         let writer = monoio::spawn(write_loop(client.clone(), wr));
         read_loop(client.clone(), rd).await;
-        let _ = writer.await;
-        client.kill();
         if !core.shared.cfg.peers.is_empty() {
             // Its WATCH and blocked pops live at the writer's sequencer: forget them.
             if core.idx == 0 {
@@ -305,6 +303,8 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
                 core.send(0, CoreMsg::ClientGone { client: client.id });
             }
         }
+        let _ = writer.await;
+        client.kill();
         core.clients.borrow_mut().remove(&client.id);
         if let Ok(mut reg) = core.shared.registry.lock() {
             reg.remove(&client.id);

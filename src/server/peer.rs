@@ -29,6 +29,10 @@ use super::replica::{Held, Repl};
 use super::Signal;
 use crate::resp::{self, ReplySkimmer, Request, RequestParser};
 
+/// What `link_reply` gets for a forwarded request the other side refused because it is not
+/// the writer (sent as `*1 :tag`, outside any reply a command could produce).
+pub(crate) const NOT_WRITER: &[u8] = b"\0not-writer";
+
 /// Largest request accepted on the peer link (a forwarded frame carries a client's bulk).
 const PEER_MAX_BULK: usize = 4 << 30;
 
@@ -40,8 +44,12 @@ fn tagged(tag: u64, reply: &[u8]) -> BytesMut {
     out
 }
 
-/// Split `*2 :tag <reply>`.
+/// Split `*2 :tag <reply>` (or `*1 :tag`: not the writer).
 fn untag(frame: &Bytes) -> Option<(u64, Bytes)> {
+    if let Some(rest) = frame.strip_prefix(b"*1\r\n:") {
+        let eol = memchr::memchr(b'\r', rest)?;
+        return Some((resp::parse_int(&rest[..eol])? as u64, Bytes::from_static(NOT_WRITER)));
+    }
     let rest = frame.strip_prefix(b"*2\r\n:")?;
     let eol = memchr::memchr(b'\r', rest)?;
     let tag = resp::parse_int(&rest[..eol])? as u64;
@@ -58,6 +66,18 @@ pub(crate) struct PeerConn {
 }
 
 impl PeerConn {
+    /// Tell the forwarder this node is not the writer (it routes the request again).
+    pub fn reply_not_writer(&self, tag: u64) {
+        if self.dead.get() {
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        out.extend_from_slice(b"*1\r\n");
+        resp::push_int(&mut out, tag as i64);
+        drop(out);
+        self.wake.notify();
+    }
+
     /// Queue the reply to request `tag`.
     pub fn reply(&self, tag: u64, reply: &[u8]) {
         if self.dead.get() {
@@ -113,6 +133,9 @@ async fn serve_conn(repl: Rc<Repl>, stream: TcpStream, addr: String) {
     };
     let writer = monoio::spawn(writer);
     let mut parser = RequestParser::new(PEER_MAX_BULK);
+    // Redis's limits for clients that have not authenticated: nobody without the secret
+    // makes this node buffer much.
+    parser.set_unauthenticated(true);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut authed = false;
     'conn: loop {
@@ -128,6 +151,7 @@ async fn serve_conn(repl: Rc<Repl>, stream: TcpStream, addr: String) {
             if !authed {
                 if req.len() == 3 && req.arg(0).eq_ignore_ascii_case(b"rs.auth") && repl.secret_ok(req.arg(1)) {
                     authed = true;
+                    parser.set_unauthenticated(false);
                     *conn.node.borrow_mut() = String::from_utf8_lossy(req.arg(2)).into_owned();
                     conn.out.borrow_mut().extend_from_slice(b"+OK\r\n");
                     conn.wake.notify();
@@ -259,6 +283,11 @@ impl PeerLink {
         self.waiting.borrow_mut().insert(tag, wait);
         self.wake.notify();
         true
+    }
+
+    /// Forwarded requests waiting for their replies.
+    pub fn forwards_in_flight(&self) -> bool {
+        self.waiting.borrow().values().any(|w| matches!(w, LinkWait::Forward(_)))
     }
 
     /// Give up on every forwarded request still waiting for its reply.

@@ -75,6 +75,9 @@ pub(crate) struct Repl {
     /// When this node last started following a writer: only a report heard after it may
     /// say our Redis is in sync.
     followed_at: Cell<u64>,
+    /// The last report from our writer said our Redis was in sync (kept after the writer
+    /// goes silent: it decides whether our Redis may be the reference after a failover).
+    local_was_in_sync: Cell<bool>,
 }
 
 impl Repl {
@@ -111,6 +114,7 @@ impl Repl {
             last_status: RefCell::new(String::new()),
             hb_now: Signal::default(),
             followed_at: Cell::new(0),
+            local_was_in_sync: Cell::new(false),
         });
         monoio::spawn(peer::serve(repl.clone(), peer_listener));
         if let Some(l) = admin {
@@ -159,34 +163,54 @@ impl Repl {
     }
 
     /// A request a follower forwarded: only a writer takes it.
+    /// Sequenced at once (not behind this node's own held requests: after a handover those
+    /// may be waiting for exactly these, our clients' requests coming back from the old
+    /// writer).
     pub fn submit_forwarded(&self, h: Held) {
         if self.members.borrow().role == Role::Writer && !self.draining.get() {
-            self.route(h);
+            self.sequence(h);
         } else if self.draining.get() {
             self.hold(h);
-        } else {
-            deliver_to(&self.core, h.sink, resp::error("NOTWRITER resplica: this node is not the writer"));
+        } else if let Sink::Peer(conn, tag) = &h.sink {
+            conn.reply_not_writer(*tag);
         }
     }
 
+    /// Requests leave core 0 in arrival order: once one has to wait, later ones wait behind
+    /// it (a client's pipeline must not overtake itself).
     fn route(&self, h: Held) {
+        if !self.pending.borrow().is_empty() {
+            return self.hold(h);
+        }
+        if let Err(h) = self.try_route(h) {
+            self.hold(h);
+        }
+    }
+
+    fn try_route(&self, h: Held) -> Result<(), Held> {
         let (role, writer) = {
             let m = self.members.borrow();
             (m.role, m.writer.clone())
         };
-        if role == Role::Writer && !self.draining.get() {
-            return self.sequence(h);
+        if self.draining.get() {
+            return Err(h);
         }
-        if !self.draining.get() {
-            if let Some(link) = writer.as_deref().and_then(|w| self.links.iter().find(|l| l.node == w)) {
-                let id = h.client_key;
-                match link.forward(h, id) {
-                    Ok(()) => return,
-                    Err(h) => return self.hold(h),
-                }
+        if role == Role::Writer {
+            // Just after a handover, requests forwarded to the old writer are still coming
+            // back: ours wait behind them.
+            if self.links.iter().any(|l| l.forwards_in_flight()) {
+                return Err(h);
             }
+            self.sequence(h);
+            return Ok(());
         }
-        self.hold(h)
+        match writer.as_deref().and_then(|w| self.links.iter().find(|l| l.node == w)) {
+            Some(link) => {
+                let id = h.client_key;
+                link.forward(h, id)
+            }
+            None => Err(h),
+        }
     }
 
     fn hold(&self, mut h: Held) {
@@ -255,6 +279,7 @@ impl Repl {
     fn route_pending(&self) {
         let now = self.now();
         let held: Vec<Held> = self.pending.borrow_mut().drain(..).collect();
+        let mut blocked = false;
         for h in held {
             if h.deadline_ms != 0 && now > h.deadline_ms {
                 deliver_to(
@@ -264,7 +289,14 @@ impl Repl {
                 );
                 continue;
             }
-            self.route(h);
+            if blocked {
+                self.pending.borrow_mut().push_back(h);
+                continue;
+            }
+            if let Err(h) = self.try_route(h) {
+                blocked = true;
+                self.pending.borrow_mut().push_back(h);
+            }
         }
     }
 
@@ -308,7 +340,7 @@ impl Repl {
                 }
             }
             LinkWait::Forward(h) => {
-                if reply.starts_with(b"-NOTWRITER") {
+                if reply == peer::NOT_WRITER {
                     // The writer moved while this was on its way: route it again.
                     self.hold(h);
                 } else {
@@ -348,7 +380,11 @@ impl Repl {
     pub fn client_key_gone(&self, key: u64) {
         let tickets = self.seq.borrow_mut().as_mut().map(|s| s.client_gone(key)).unwrap_or_default();
         for t in tickets {
-            self.tickets.borrow_mut().remove(&t);
+            let sink = self.tickets.borrow_mut().remove(&t);
+            if let Some(sink) = sink {
+                // Completes the client's (or the forwarder's) slot so it can close.
+                deliver_to(&self.core, sink, resp::error("ERR resplica: client disconnected"));
+            }
         }
     }
 
@@ -375,9 +411,18 @@ impl Repl {
 
     fn become_writer(&self, epoch: u64, handover: bool) {
         let cfg = &self.core.shared.cfg;
-        let mut replicas = vec![(cfg.node.id.clone(), cfg.redis.address.to_string(), false)];
+        // The reference copy: our own Redis, unless we were following a writer that did not
+        // report it in sync (then the peers' Redis are, and ours is rebuilt from them).
+        let local_trusted = handover
+            || self.followed_at.get() == 0
+            || self.core.shared.local_in_sync.load(Ordering::Relaxed)
+            || self.local_was_in_sync.get();
+        if !local_trusted {
+            warn!("taking the writer role with a local Redis that was not in sync: it will be rebuilt from a peer's");
+        }
+        let mut replicas = vec![(cfg.node.id.clone(), cfg.redis.address.to_string(), !local_trusted)];
         for p in &cfg.peers {
-            replicas.push((p.id.clone(), p.redis.clone(), !handover));
+            replicas.push((p.id.clone(), p.redis.clone(), !handover && local_trusted));
         }
         let mut seq = Sequencer::new(
             &replicas,
@@ -403,10 +448,13 @@ impl Repl {
         *self.seq.borrow_mut() = Some(seq);
         self.gen.set(self.gen.get() + 1);
         self.members.borrow_mut().became_writer(epoch);
-        // Requests forwarded to the old writer and not answered: their fate is unknown, and
-        // the old writer may never answer (dead, or paused).
-        for l in &self.links {
-            l.fail_forwards(self);
+        // After a failover, requests forwarded to the old writer and not answered have an
+        // unknown fate, and it may never answer (dead, or paused). After a handover the old
+        // writer sends them back here: they are waited for.
+        if !handover {
+            for l in &self.links {
+                l.fail_forwards(self);
+            }
         }
         let epoch = self.members.borrow().epoch;
         info!(epoch, handover, "this node is now the writer");
@@ -457,14 +505,15 @@ impl Repl {
         let me = self.clone();
         monoio::spawn(async move {
             let idle = me.wait_idle(Duration::from_secs(5)).await;
-            if idle {
+            let all_in_sync = me.seq.borrow().as_ref().is_some_and(|s| s.all_in_sync());
+            if idle && all_in_sync {
                 let epoch = me.members.borrow().epoch;
                 me.stop_writer();
                 me.follow(&to);
                 conn.reply(tag, &resp::int(epoch as i64));
                 info!(to = %to, epoch, "writer role handed over");
             } else {
-                conn.reply(tag, &resp::error("ERR resplica: could not drain in time"));
+                conn.reply(tag, &resp::error("ERR resplica: could not drain in time, or a replica is not in sync"));
             }
             me.draining.set(false);
             me.members.borrow_mut().busy = false;
@@ -492,7 +541,10 @@ impl Repl {
         self.members.borrow_mut().busy = true;
         let me = self.clone();
         monoio::spawn(async move {
-            me.wait_idle(Duration::from_secs(5)).await;
+            if !me.wait_idle(Duration::from_secs(5)).await {
+                me.finish_yield(&to, false);
+                return;
+            }
             let epoch = me.members.borrow().epoch.to_string();
             let keys = me.seq.borrow().as_ref().and_then(|s| s.missed_keys(pi + 1));
             let mut owned: Vec<Vec<u8>> = Vec::new();
@@ -626,6 +678,10 @@ impl Repl {
         let in_sync = match (m.role, seq.as_ref()) {
             (Role::Writer, Some(s)) => s.streams[0].state == ReplicaState::InSync,
             (Role::Follower, _) => {
+                // Reads stay local only while the writer was heard recently: it stops waiting
+                // for our Redis after half the failover timeout of silence, we stop reading it
+                // before that.
+                let fresh = cfg.replication.failover_timeout_ms * 2 / 5;
                 let mine = if self.core.lanes[0].is_connected() {
                     self.core.redis_run_id.borrow().clone()
                 } else {
@@ -634,12 +690,13 @@ impl Repl {
                 let w = m.writer.as_deref().and_then(|w| m.peer(w));
                 match w {
                     Some(w) if m.is_live(w, now) && w.last_heard_ms.is_some_and(|t| t > self.followed_at.get()) => {
-                        w.report.replicas.iter().any(|(n, st, run)| {
+                        let ok = w.report.replicas.iter().any(|(n, st, run)| {
                             n == &m.id && *st == ReplicaState::InSync && !mine.is_empty() && *run == mine
-                        })
+                        });
+                        self.local_was_in_sync.set(ok);
+                        ok && w.last_heard_ms.is_some_and(|t| now.saturating_sub(t) <= fresh)
                     }
-                    // Writer gone: keep serving what we have (availability first).
-                    _ => self.core.shared.local_in_sync.load(Ordering::Relaxed) && !mine.is_empty(),
+                    _ => false,
                 }
             }
             _ => false,
@@ -881,10 +938,23 @@ async fn stream_watchdog(repl: &Repl, s: usize, gen: u64, seen: &Cell<u64>, limi
 /// Full resync of stream `t`: walk every key of the source replica (SCAN on a connection of
 /// its own) and queue a copy of each through the sequencer, a bounded number at a time.
 async fn scan_task(repl: Rc<Repl>, t: usize, gen: u64) {
+    if let Err(why) = scan_keys(&repl, t, gen).await {
+        if repl.gen.get() == gen {
+            if let Some(q) = repl.seq.borrow_mut().as_mut() {
+                q.restart_resync(t, &why);
+            }
+            repl.after_seq();
+        }
+    }
+}
+
+/// The key scan of a full resync; `Err` when it failed (the resync then starts over), `Ok`
+/// when done or no longer wanted.
+async fn scan_keys(repl: &Rc<Repl>, t: usize, gen: u64) -> Result<(), String> {
     let (source, addr, node, resyncs) = {
         let seq = repl.seq.borrow();
-        let Some(q) = seq.as_ref() else { return };
-        let Some(src) = q.resync_source(t) else { return };
+        let Some(q) = seq.as_ref() else { return Ok(()) };
+        let Some(src) = q.resync_source(t) else { return Ok(()) };
         (src, q.streams[src].addr.clone(), q.streams[t].node.clone(), q.streams[t].resyncs)
     };
     let still = |repl: &Repl| {
@@ -896,11 +966,9 @@ async fn scan_task(repl: Rc<Repl>, t: usize, gen: u64) {
             })
     };
     let timeout = repl.core.shared.cfg.redis.request_timeout_ms;
-    let Ok((mut conn, _)) = open_redis(&repl, &addr).await else {
-        warn!(replica = %node, "resync: cannot reach the source Redis {addr}");
-        return;
-    };
-    let Ok(info) = roundtrip(&mut conn, &[vec![b"INFO".to_vec(), b"keyspace".to_vec()]], timeout).await else { return };
+    let (mut conn, _) =
+        open_redis(repl, &addr).await.map_err(|e| format!("cannot reach the source Redis {addr}: {e}"))?;
+    let info = roundtrip(&mut conn, &[vec![b"INFO".to_vec(), b"keyspace".to_vec()]], timeout).await?;
     let dbs: Vec<u32> = String::from_utf8_lossy(&info[0])
         .lines()
         .filter_map(|l| l.strip_prefix("db")?.split(':').next()?.parse().ok())
@@ -908,27 +976,23 @@ async fn scan_task(repl: Rc<Repl>, t: usize, gen: u64) {
     let mut copied = 0u64;
     let mut last_log = Instant::now();
     for db in dbs {
-        if roundtrip(&mut conn, &[vec![b"SELECT".to_vec(), db.to_string().into_bytes()]], timeout).await.is_err() {
-            return;
-        }
+        roundtrip(&mut conn, &[vec![b"SELECT".to_vec(), db.to_string().into_bytes()]], timeout).await?;
         let mut cursor = b"0".to_vec();
         loop {
             let cmd = vec![b"SCAN".to_vec(), cursor.clone(), b"COUNT".to_vec(), b"512".to_vec()];
-            let Ok(r) = roundtrip(&mut conn, &[cmd], timeout).await else {
-                warn!(replica = %node, "resync: SCAN on the source failed; will retry with a new resync");
-                return;
-            };
-            let Some(parts) = crate::replication::reply::elements(&r[0]) else { return };
+            let r =
+                roundtrip(&mut conn, &[cmd], timeout).await.map_err(|e| format!("SCAN on the source failed: {e}"))?;
+            let parts = crate::replication::reply::elements(&r[0]).unwrap_or_default();
             if parts.len() != 2 {
-                return;
+                return Err(format!("unexpected SCAN reply: {}", String::from_utf8_lossy(&r[0])));
             }
             cursor = crate::replication::reply::bulk(&parts[0]).map(|c| c.to_vec()).unwrap_or_else(|| b"0".to_vec());
             let keys = crate::replication::reply::elements(&parts[1]).unwrap_or_default();
             for k in keys {
                 let Some(key) = crate::replication::reply::bulk(&k).map(Bytes::copy_from_slice) else { continue };
                 loop {
-                    if !still(&repl) {
-                        return;
+                    if !still(repl) {
+                        return Ok(());
                     }
                     let out = repl.seq.borrow().as_ref().map(|q| q.copies_outstanding(t)).unwrap_or(0);
                     if out < COPIES_IN_FLIGHT {
@@ -938,7 +1002,7 @@ async fn scan_task(repl: Rc<Repl>, t: usize, gen: u64) {
                 }
                 let ok = repl.seq.borrow_mut().as_mut().is_some_and(|q| q.copy_key(db, key, source, t));
                 if !ok {
-                    return;
+                    return Err("the copy could not be queued".into());
                 }
                 copied += 1;
                 repl.after_seq();
@@ -952,13 +1016,14 @@ async fn scan_task(repl: Rc<Repl>, t: usize, gen: u64) {
             }
         }
     }
-    if still(&repl) {
+    if still(repl) {
         if let Some(q) = repl.seq.borrow_mut().as_mut() {
             q.scan_done(t);
         }
         info!(replica = %node, keys = copied, "resync: every key queued; in sync once applied");
         repl.after_seq();
     }
+    Ok(())
 }
 
 // ---- admin port -------------------------------------------------------------------------------

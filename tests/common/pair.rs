@@ -765,6 +765,11 @@ impl Pair {
             if id != w && (s.role() != "follower" || s.get("writer") != w) {
                 return Err(format!("node {id}: role={} writer={} (writer is {w})", s.role(), s.get("writer")));
             }
+            // The follower knows its Redis is in sync (it reads locally; after a failover it
+            // may be the reference copy).
+            if s.get("local_in_sync") != "1" {
+                return Err(format!("node {id}: local_in_sync={}", s.get("local_in_sync")));
+            }
         }
         Ok(w.clone())
     }
