@@ -300,7 +300,7 @@ struct Inflight {
     /// (lane, count) for every lane with commands in flight.
     lanes: Vec<(Lane, u32)>,
     /// Slot → (lane, count); only slot sequencing produces `Scope::Slot`.
-    slots: HashMap<u16, (Lane, u32)>,
+    slots: crate::slot::IdMap<u16, (Lane, u32)>,
     /// Commands of scope `All` in flight: (lane, count).
     all: Option<(Lane, u32)>,
 }

@@ -57,3 +57,29 @@ mod tests {
         assert_eq!(key_slot(b"foo{{bar}}zap"), crc16(b"{bar") % SLOTS);
     }
 }
+
+/// A hasher for small integer keys the proxy assigns itself (tickets, sequence numbers,
+/// slots): they are not attacker-chosen, so SipHash's protection is not needed on the hot
+/// path. Multiplicative mixing spreads consecutive ids over the table.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ *b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// `HashMap` keyed by ids the proxy assigns (see `IdHasher`).
+pub type IdMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;

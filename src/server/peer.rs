@@ -14,7 +14,6 @@
 //! This module moves bytes; what the requests mean is `replica::Repl`'s business.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -252,7 +251,7 @@ pub(crate) struct PeerLink {
     pub connected: Cell<bool>,
     out: RefCell<BytesMut>,
     wake: Signal,
-    waiting: RefCell<HashMap<u64, LinkWait>>,
+    waiting: RefCell<crate::slot::IdMap<u64, LinkWait>>,
     next_tag: Cell<u64>,
 }
 
@@ -264,7 +263,7 @@ impl PeerLink {
             connected: Cell::new(false),
             out: RefCell::new(BytesMut::new()),
             wake: Signal::default(),
-            waiting: RefCell::new(HashMap::new()),
+            waiting: RefCell::new(Default::default()),
             next_tag: Cell::new(1),
         })
     }

@@ -36,6 +36,17 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// A coarse clock (the kernel's tick, a few ms): read on every write on the writer path,
+/// where a precise `clock_gettime` showed up in profiles. `CLOCK_REALTIME_COARSE` for the
+/// absolute expiry times shipped to replicas, `CLOCK_MONOTONIC_COARSE` for timeouts.
+fn coarse_ms(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into memory we own; the clock ids used are
+    // valid on Linux, and a failure leaves the zeroed value.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 /// A request on the writer path, with where its reply goes.
 pub(crate) struct Held {
     pub sink: Sink,
@@ -50,7 +61,7 @@ pub(crate) struct Held {
 /// Core 0's replication state.
 pub(crate) struct Repl {
     core: Rc<Core>,
-    started: Instant,
+    started_ms: u64,
     members: RefCell<Membership>,
     seq: RefCell<Option<Sequencer>>,
     /// Bumped whenever the sequencer is created or dropped; stream tasks of an older
@@ -58,7 +69,7 @@ pub(crate) struct Repl {
     gen: Cell<u64>,
     /// Handing over or yielding: new writer-path requests wait.
     draining: Cell<bool>,
-    tickets: RefCell<HashMap<u64, Sink>>,
+    tickets: RefCell<crate::slot::IdMap<u64, Sink>>,
     next_ticket: Cell<u64>,
     pending: RefCell<VecDeque<Held>>,
     links: Vec<Rc<PeerLink>>,
@@ -99,12 +110,12 @@ impl Repl {
             Membership::new(&cfg.node.id, cfg.node.priority, boot, &peers, cfg.replication.failover_timeout_ms, 0);
         let repl = Rc::new(Repl {
             core: core.clone(),
-            started: Instant::now(),
+            started_ms: coarse_ms(libc::CLOCK_MONOTONIC_COARSE),
             members: RefCell::new(members),
             seq: RefCell::new(None),
             gen: Cell::new(0),
             draining: Cell::new(false),
-            tickets: RefCell::new(HashMap::new()),
+            tickets: RefCell::new(Default::default()),
             next_ticket: Cell::new(1),
             pending: RefCell::new(VecDeque::new()),
             links: cfg.peers.iter().map(|p| PeerLink::new(&p.id, &p.address)).collect(),
@@ -129,8 +140,9 @@ impl Repl {
         Ok(repl)
     }
 
+    /// Milliseconds since start (monotonic, coarse).
     fn now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        coarse_ms(libc::CLOCK_MONOTONIC_COARSE).saturating_sub(self.started_ms) + 1
     }
 
     pub fn heartbeat_ms(&self) -> u64 {
@@ -247,7 +259,7 @@ impl Repl {
         self.tickets.borrow_mut().insert(ticket, h.sink);
         let o = Origin { ticket, client_key: h.client_key, db: h.db, proto: h.proto };
         if let Some(seq) = self.seq.borrow_mut().as_mut() {
-            seq.submit(o, reqs, write, unix_ms());
+            seq.submit(o, reqs, write, coarse_ms(libc::CLOCK_REALTIME_COARSE));
         }
         self.after_seq();
     }
