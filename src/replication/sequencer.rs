@@ -106,6 +106,9 @@ struct Expect {
 struct Resync {
     outstanding: usize,
     scan_done_at: Option<Seq>,
+    /// Partition merge falling back to a rebuild: the key scan of our Redis starts only once
+    /// the other side's keys copied into it (up to this seq) are there.
+    scan_after: Option<Seq>,
 }
 
 /// One replica Redis and its ordered stream.
@@ -1075,8 +1078,26 @@ impl Sequencer {
         }
     }
 
+    /// Start the key scans that waited for copies into the reference Redis to land.
+    fn start_deferred_scans(&mut self) {
+        let Some(p) = self.primary() else { return };
+        let applied = self.acked_upto(p);
+        for t in 0..self.streams.len() {
+            let ready = self.streams[t].resync.as_ref().and_then(|r| r.scan_after).is_some_and(|at| applied >= at);
+            if ready {
+                if let Some(r) = self.streams[t].resync.as_mut() {
+                    r.scan_after = None;
+                }
+                self.scans.push(t);
+            }
+        }
+    }
+
     /// A stream's catch-up or resync may have just finished.
     fn check_progress(&mut self, s: usize) {
+        if self.streams.iter().any(|st| st.resync.as_ref().is_some_and(|r| r.scan_after.is_some())) {
+            self.start_deferred_scans();
+        }
         let acked = self.acked_upto(s);
         let st = &mut self.streams[s];
         let done = match st.state {
@@ -1288,8 +1309,21 @@ impl Sequencer {
                         }
                         self.abort_resync(target, "its source replica went down");
                     } else {
+                        // Nobody in sync can run it instead: it is not applied anywhere, and
+                        // its client learns that.
                         for t in 0..self.streams.len() {
                             self.fill(t, seq, None);
+                        }
+                        if let Ok(i) = self.waiters.binary_search_by_key(&seq, |w| w.seq) {
+                            let addr = &self.streams[s].addr;
+                            self.waiters[i].reply = Some((
+                                s,
+                                resp::error(&format!(
+                                    "ERR resplica: connection to Redis at {addr} lost before it answered"
+                                )),
+                            ));
+                            self.waiters[i].read_only = true;
+                            self.waiters[i].source = None;
                         }
                     }
                 }
@@ -1301,7 +1335,14 @@ impl Sequencer {
                 self.abort_resync(t, "no replica in sync is left to copy from");
             }
         }
-        // Waiters nobody can answer any more.
+        let addr = self.streams[s].addr.clone();
+        self.fail_orphans(&addr);
+        self.release();
+    }
+
+    /// Waiters whose command no reachable replica holds any more (its connection died, its
+    /// log was dropped for a rebuild) get an error now instead of waiting forever.
+    fn fail_orphans(&mut self, addr: &str) {
         let mut failed = Vec::new();
         for w in &self.waiters {
             if w.reply.is_some() {
@@ -1315,17 +1356,19 @@ impl Sequencer {
                 failed.push(w.seq);
             }
         }
-        let addr = self.streams[s].addr.clone();
         for seq in failed {
             if let Ok(i) = self.waiters.binary_search_by_key(&seq, |w| w.seq) {
                 self.waiters[i].reply = Some((
-                    s,
-                    resp::error(&format!("ERR resplica: connection to Redis at {addr} lost before it answered")),
+                    usize::MAX,
+                    resp::error(&format!(
+                        "ERR resplica: connection to Redis at {addr} lost before it answered \
+                         (the command may or may not have been applied)"
+                    )),
                 ));
                 self.waiters[i].read_only = true;
+                self.waiters[i].source = None;
             }
         }
-        self.release();
     }
 
     fn abort_resync(&mut self, t: usize, why: &str) {
@@ -1353,14 +1396,17 @@ impl Sequencer {
             let pick = (0..self.streams.len())
                 .find(|&i| ready(&self.streams[i]) && !self.streams[i].needs_resync)
                 .or_else(|| {
-                    (self.streams.iter().all(|st| st.connected && st.enabled && st.needs_resync)
-                        && ready(&self.streams[0]))
-                    .then_some(0)
+                    self.streams
+                        .iter()
+                        .all(|st| st.connected && st.enabled && st.needs_resync && st.state == ReplicaState::Down)
+                        .then_some(0)
                 });
             if let Some(i) = pick {
                 let st = &mut self.streams[i];
                 if st.needs_resync {
                     warn!(redis = %st.addr, "every Redis needs rebuilding: the local one becomes the reference copy");
+                    // Its backlog was for a copy that is gone; what it holds now is the reference.
+                    st.clear_log();
                 }
                 st.needs_resync = false;
                 st.state = ReplicaState::InSync;
@@ -1393,6 +1439,8 @@ impl Sequencer {
                 }
             }
         }
+        self.fail_orphans("(replica rebuilt)");
+        self.release();
     }
 
     /// Begin rebuilding stream `t`: FLUSHALL, then the shell scans the source's keys and
@@ -1536,7 +1584,14 @@ impl Sequencer {
             let seq = self.alloc();
             let flush = Request::from_args(&[b"FLUSHALL"]);
             self.push_entry(target, seq, 0, 2, Payload::Cmd { frame: flush.frame, replies: 1 }, false);
-            self.scans.push(target);
+            if merged > 0 {
+                if let Some(r) = self.streams[target].resync.as_mut() {
+                    r.scan_after = Some(seq);
+                }
+                self.start_deferred_scans();
+            } else {
+                self.scans.push(target);
+            }
         } else {
             for (db, key) in ours {
                 self.copy_key(db, key, local, target);
