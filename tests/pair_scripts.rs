@@ -47,3 +47,28 @@ fn writes_of_a_tracking_client_still_reach_both_redis() {
     assert_eq!(v.as_deref(), Some("v"), "read-your-writes on the tracking connection");
     assert_eq!(on_both(&pair, "tr:k"), vec![Some("v".to_string()); 2]);
 }
+
+#[test]
+fn publish_counts_the_subscribers_of_every_node() {
+    let pair = Pair::start();
+    let mut subs: Vec<redis::Connection> = pair.nodes().iter().map(|n| n.conn()).collect();
+    let mut pubsubs: Vec<redis::PubSub> = subs
+        .iter_mut()
+        .map(|c| {
+            let mut ps = c.as_pubsub();
+            ps.subscribe("cnt:ch").expect("SUBSCRIBE");
+            ps
+        })
+        .collect();
+    for n in pair.nodes() {
+        let receivers: i64 = redis::cmd("PUBLISH").arg("cnt:ch").arg("m").query(&mut n.conn()).expect("PUBLISH");
+        assert_eq!(receivers, 2, "PUBLISH through {} counts the subscribers on both nodes", n.id);
+    }
+    for ps in &mut pubsubs {
+        ps.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        for _ in 0..2 {
+            let m = ps.get_message().expect("message");
+            assert_eq!(m.get_payload::<String>().expect("payload"), "m");
+        }
+    }
+}

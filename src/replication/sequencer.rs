@@ -228,6 +228,9 @@ enum Shape {
     /// A blocking command run inside MULTI: the one element of EXEC's reply; a null means
     /// "would block" and parks the client.
     Blocking,
+    /// PUBLISH/SPUBLISH: the receivers on every replica, summed (subscribers are spread over
+    /// the nodes); answered once every replica in sync has run it.
+    Sum,
 }
 
 #[derive(Debug)]
@@ -633,11 +636,13 @@ impl Sequencer {
             }
         }
         self.note_missed_all(keys.as_deref());
+        let publish =
+            shipped.req.arg(0).eq_ignore_ascii_case(b"publish") || shipped.req.arg(0).eq_ignore_ascii_case(b"spublish");
         self.waiters.push_back(Waiter {
             seq,
             ticket: o.ticket,
             read_only: false,
-            shape: Shape::Plain,
+            shape: if publish { Shape::Sum } else { Shape::Plain },
             reply: None,
             parked: None,
             touched: false,
@@ -1002,6 +1007,16 @@ impl Sequencer {
                     self.check_progress(s);
                     return;
                 }
+                if w.shape == Shape::Sum {
+                    let before = w.reply.as_ref().and_then(|(_, r)| reply::int(r)).unwrap_or(0);
+                    match reply::int(last) {
+                        Some(n) => w.reply = Some((s, resp::int(before + n))),
+                        None if w.reply.is_none() => w.reply = Some((s, last.clone())),
+                        None => {}
+                    }
+                    self.check_progress(s);
+                    return;
+                }
                 let reply = match w.shape {
                     Shape::Plain if got.len() == 1 => got[0].clone(),
                     Shape::Plain => {
@@ -1180,7 +1195,7 @@ impl Sequencer {
                 return false;
             }
         }
-        if self.ack_all {
+        if self.ack_all || w.shape == Shape::Sum {
             for (i, s) in self.streams.iter().enumerate() {
                 if s.state == ReplicaState::InSync && self.acked_upto(i) < w.seq {
                     return false;
