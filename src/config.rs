@@ -46,7 +46,8 @@ pub enum IoDriver {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sequencing {
-    /// `slot` when the node has peers, `local` when it is alone.
+    /// `slot` when the node has peers, `local` when it is alone. (With peers, writes go to
+    /// the pair's writer whatever this says; it only orders a lone node's writes.)
     Auto,
     /// Every write goes through its slot's sequencer core (`slot % threads`).
     Slot,

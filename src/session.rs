@@ -6,8 +6,9 @@
 //! SCRIPT KILL).
 //!
 //! It also keeps the client's ordering promise (DESIGN.md invariant 2) across lanes: writes go
-//! to their slot's sequencer lane when slot sequencing is on, reads to the receiving core's
-//! lane, and a command that could overtake one of the client's own in-flight commands on
+//! to their slot's sequencer lane when slot sequencing is on (to the pair's writer, with
+//! MULTI blocks, WATCH and blocking pops, when the node has peers), reads to the receiving
+//! core's lane, and a command that could overtake one of the client's own in-flight commands on
 //! another connection is held back (`Action::Wait`) until that one is answered.
 //!
 //! No I/O and no clock: the runtime shell feeds requests in and reports completions.
@@ -290,6 +291,8 @@ pub struct Session {
     queued: Vec<Bytes>,
     /// Pair mode: a command was refused while queuing (EXEC then aborts, like Redis).
     queue_failed: bool,
+    /// Pair mode: the database the last queued SELECT moves the client to at EXEC.
+    queued_db: Option<u32>,
     /// Pair mode: WATCH is held by the writer's sequencer.
     pair_watching: bool,
 }
@@ -391,6 +394,7 @@ impl Session {
             inflight: Inflight::default(),
             queued: Vec::new(),
             queue_failed: false,
+            queued_db: None,
             pair_watching: false,
         }
     }
@@ -692,6 +696,7 @@ impl Session {
                     self.in_multi = true;
                     self.queued.clear();
                     self.queue_failed = false;
+                    self.queued_db = None;
                     Some(self.local_reply(resp::simple("OK")))
                 }
                 b"exec" => Some(self.local_reply(resp::error("ERR EXEC without MULTI"))),
@@ -749,15 +754,8 @@ impl Session {
                 self.inflight.add(tag);
                 let db = self.db;
                 // A SELECT inside the block moves the client (as on Redis, once EXEC runs).
-                for q in &queued {
-                    let mut buf = BytesMut::from(&q[..]);
-                    if let Ok(Some(r)) = resp::RequestParser::new(usize::MAX >> 1).parse(&mut buf) {
-                        if r.len() == 2 && r.arg(0).eq_ignore_ascii_case(b"select") {
-                            if let Some(n) = parse_int(r.arg(1)) {
-                                self.db = n.max(0) as u32;
-                            }
-                        }
-                    }
+                if let Some(n) = self.queued_db.take() {
+                    self.db = n;
                 }
                 Some(Action::Forward(Forward {
                     lane: Lane::Writer,
@@ -776,17 +774,16 @@ impl Session {
                         "ERR unknown command '{}', with args beginning with: ",
                         String::from_utf8_lossy(req.arg(0))
                     )),
-                    Some(d)
-                        if (d.arity > 0 && req.len() as i64 != d.arity as i64)
-                            || (d.arity < 0 && (req.len() as i64) < -(d.arity as i64)) =>
-                    {
-                        Some(format!("ERR wrong number of arguments for '{}' command", d.name.to_ascii_lowercase()))
-                    }
-                    _ => None,
+                    Some(d) => command::arity_error(d, req),
                 };
                 if let Some(msg) = bad {
                     self.queue_failed = true;
                     return Some(self.local_reply(resp::error(&msg)));
+                }
+                if name == b"select" {
+                    if let Some(n) = parse_int(req.arg(1)) {
+                        self.queued_db = Some(n.max(0) as u32);
+                    }
                 }
                 self.queued.push(req.frame.clone());
                 Some(self.local_reply(resp::simple("QUEUED")))
@@ -822,6 +819,7 @@ impl Session {
         self.dedicated_lost();
         self.queued.clear();
         self.queue_failed = false;
+        self.queued_db = None;
         self.pair_watching = false;
     }
 

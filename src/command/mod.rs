@@ -142,6 +142,13 @@ pub fn key_indices(def: &CommandDef, req: &Request) -> SmallVec<[usize; 4]> {
     out
 }
 
+/// Redis's error for a request whose argument count the command's arity rules out.
+pub fn arity_error(def: &CommandDef, req: &Request) -> Option<String> {
+    let (n, arity) = (req.len() as i64, def.arity as i64);
+    ((arity > 0 && n != arity) || (arity < 0 && n < -arity))
+        .then(|| format!("ERR wrong number of arguments for '{}' command", def.name.to_ascii_lowercase()))
+}
+
 /// Whether a command must reach every replica of a pair: writes; PUBLISH/SPUBLISH (a
 /// subscriber on any node must get each message once); SCRIPT LOAD/FLUSH (EVALSHA is
 /// shipped as it is, so every Redis needs the same script cache).

@@ -137,6 +137,8 @@ pub struct Stream {
     missed_all: bool,
     /// The shell should drop and reopen the connection (backlog overflow while connected).
     pub drop_conn: bool,
+    /// Errors this replica answered to writes (other than the reference's): each one is a
+    /// possible difference between the replicas, shown in the status.
     pub errors: u64,
     /// A partition merge decided while the connection was down: run once it is up.
     pending_merge: Option<Option<Vec<(u32, Bytes)>>>,
@@ -174,9 +176,6 @@ impl Stream {
     }
     pub fn backlog_entries(&self) -> usize {
         self.log.len()
-    }
-    pub fn is_connected(&self) -> bool {
-        self.connected
     }
     pub fn is_enabled(&self) -> bool {
         self.enabled
@@ -544,15 +543,8 @@ impl Sequencer {
         // below indexes arguments (Redis's own error for the client).
         let inner = if reqs.len() >= 2 { &reqs[1..reqs.len() - 1] } else { &reqs[..] };
         for r in inner {
-            if let Some(d) = command::lookup(r) {
-                let n = r.len() as i64;
-                let arity = d.arity as i64;
-                if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
-                    return self.error(
-                        o.ticket,
-                        &format!("ERR wrong number of arguments for '{}' command", d.name.to_ascii_lowercase()),
-                    );
-                }
+            if let Some(msg) = command::lookup(r).and_then(|d| command::arity_error(d, r)) {
+                return self.error(o.ticket, &msg);
             }
         }
         let name = first.arg(0);
@@ -798,13 +790,14 @@ impl Sequencer {
 
     /// Retry parked blocking commands whose keys this write touched.
     fn wake_parked(&mut self, keys: Option<&[(u32, Bytes)]>, now_ms: u64) {
-        for w in self.waiters.iter_mut().filter(|_| self.blocking_in_flight > 0) {
-            if let (Shape::Blocking, Some(p)) = (w.shape, &w.parked) {
-                let hit = match keys {
-                    None => true,
-                    Some(ks) => p.keys.iter().any(|k| ks.iter().any(|(d, kk)| *d == p.db && kk == k)),
-                };
-                if hit {
+        let touches = |p: &Parked| match keys {
+            None => true,
+            Some(ks) => p.keys.iter().any(|k| ks.iter().any(|(d, kk)| *d == p.db && kk == k)),
+        };
+        if self.blocking_in_flight > 0 {
+            // Pops still in flight: one that finds nothing must be tried again, after this.
+            for w in self.waiters.iter_mut() {
+                if w.parked.as_ref().is_some_and(touches) {
                     w.touched = true;
                 }
             }
@@ -812,25 +805,22 @@ impl Sequencer {
         if self.parked.is_empty() {
             return;
         }
-        let woken: Vec<Parked> = match keys {
-            None => std::mem::take(&mut self.parked),
-            Some(ks) => {
-                let (w, keep): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
-                    .into_iter()
-                    .partition(|p| p.keys.iter().any(|k| ks.iter().any(|(d, kk)| *d == p.db && kk == k)));
-                self.parked = keep;
-                w
-            }
-        };
+        let (woken, keep): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked).into_iter().partition(touches);
+        self.parked = keep;
         for p in woken {
-            let Some(primary) = self.primary() else {
-                self.parked.push(p);
-                continue;
-            };
-            let o = Origin { ticket: p.ticket, client_key: p.client_key, db: p.db, proto: p.proto };
-            let req = p.req.clone();
-            self.submit_block(o, primary, vec![req], Shape::Blocking, Some(p), now_ms);
+            self.retry_pop(p, now_ms);
         }
+    }
+
+    /// Try a parked (or just failed) blocking pop again, at the current end of the order.
+    fn retry_pop(&mut self, p: Parked, now_ms: u64) {
+        let Some(primary) = self.primary() else {
+            self.parked.push(p);
+            return;
+        };
+        let o = Origin { ticket: p.ticket, client_key: p.client_key, db: p.db, proto: p.proto };
+        let req = p.req.clone();
+        self.submit_block(o, primary, vec![req], Shape::Blocking, Some(p), now_ms);
     }
 
     /// Time passes: blocked clients whose timeout expired get their null reply.
@@ -1135,13 +1125,7 @@ impl Sequencer {
         let mut retry = Vec::new();
         self.release_into(&mut retry);
         for p in retry {
-            let Some(primary) = self.primary() else {
-                self.parked.push(p);
-                continue;
-            };
-            let o = Origin { ticket: p.ticket, client_key: p.client_key, db: p.db, proto: p.proto };
-            let req = p.req.clone();
-            self.submit_block(o, primary, vec![req], Shape::Blocking, Some(p), 0);
+            self.retry_pop(p, 0);
         }
     }
 
@@ -1386,7 +1370,9 @@ impl Sequencer {
         }
     }
 
-    fn abort_resync(&mut self, t: usize, why: &str) {
+    /// Give up the resync of `t` (its source went down, its key scan failed): it starts
+    /// again on a new connection.
+    pub fn abort_resync(&mut self, t: usize, why: &str) {
         let st = &mut self.streams[t];
         if st.state == ReplicaState::Resyncing {
             warn!(replica = %st.node, "resync aborted: {why}");
@@ -1482,11 +1468,6 @@ impl Sequencer {
         (self.streams[t].state == ReplicaState::Resyncing).then(|| self.primary()).flatten().filter(|&p| p != t)
     }
 
-    /// Give up the resync of `t` (its key scan failed): it starts again on a new connection.
-    pub fn restart_resync(&mut self, t: usize, why: &str) {
-        self.abort_resync(t, why);
-    }
-
     /// Key copies queued for `t` and not yet applied (the shell throttles on it).
     pub fn copies_outstanding(&self, t: usize) -> usize {
         self.streams[t].resync.as_ref().map(|r| r.outstanding).unwrap_or(0)
@@ -1533,7 +1514,6 @@ impl Sequencer {
     /// After a partition: `target` (the other side's Redis) comes back; `theirs` are the keys
     /// its writer wrote while cut off (None: unknown). Keys only they wrote are copied here,
     /// keys we wrote (conflicts included: we have the higher priority) are copied there.
-    /// Returns false when the merge must fall back to a full resync.
     pub fn start_merge(&mut self, target: usize, theirs: Option<Vec<(u32, Bytes)>>) {
         let Some(local) = self.primary().filter(|&p| p != target) else {
             self.streams[target].pending_merge = Some(theirs);

@@ -440,17 +440,13 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
         Lane::Shared(owner) if owner == core.idx => {
             let proto = client.session.borrow().proto;
             let seq = client.push_pending(Some(f.tag), f.discard);
-            let pair = !core.shared.cfg.peers.is_empty();
-            let frame = if pair { Some(f.frame.clone()) } else { None };
-            if let Err(reply) = core.lane(proto).enqueue(f.db, f.frame, Sink::Local(client.clone(), seq)) {
-                match frame {
-                    // Pair mode: the local Redis is down; the writer's replicas serve the read.
-                    Some(frame) => {
-                        core.shared.local_in_sync.store(false, std::sync::atomic::Ordering::Relaxed);
-                        send_writer(client, seq, f.db, proto, frame);
-                    }
-                    None => client.fill(seq, reply),
-                }
+            let lane = core.lane(proto);
+            if !lane.is_connected() && !core.shared.cfg.peers.is_empty() {
+                // Pair mode: the local Redis is down; the writer's replicas serve the read.
+                core.shared.local_in_sync.store(false, std::sync::atomic::Ordering::Relaxed);
+                send_writer(client, seq, f.db, proto, f.frame);
+            } else if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq)) {
+                client.fill(seq, reply);
             }
         }
         Lane::Shared(owner) => {

@@ -79,7 +79,7 @@ pub(crate) struct Repl {
     /// Peers that yielded to us and may still report themselves as writer for a moment:
     /// their streams stay enabled (the merge is running on them).
     yielded: RefCell<std::collections::HashSet<String>>,
-    /// Peers whose partition writes we wait for (they are writers too).
+    /// The status text last published (the shared copy is only locked when it changes).
     last_status: RefCell<String>,
     /// Send a heartbeat now (our role changed: peers should know at once).
     hb_now: Signal,
@@ -89,6 +89,8 @@ pub(crate) struct Repl {
     /// The last report from our writer said our Redis was in sync (kept after the writer
     /// goes silent: it decides whether our Redis may be the reference after a failover).
     local_was_in_sync: Cell<bool>,
+    /// When `sequence` last checked the peers' leases.
+    lease_checked_at: Cell<u64>,
 }
 
 impl Repl {
@@ -126,6 +128,7 @@ impl Repl {
             hb_now: Signal::default(),
             followed_at: Cell::new(0),
             local_was_in_sync: Cell::new(false),
+            lease_checked_at: Cell::new(0),
         });
         monoio::spawn(peer::serve(repl.clone(), peer_listener));
         if let Some(l) = admin {
@@ -241,9 +244,13 @@ impl Repl {
     }
 
     fn sequence(&self, h: Held) {
-        // Lease: a writer that was paused (SIGSTOP, a long GC-like stall) must notice peers
-        // it has not heard from before writing their Redis again.
-        self.update_streams(self.now());
+        // Lease: a writer that was paused (SIGSTOP, a long stall) must notice peers it has
+        // not heard from before writing their Redis again. Once per clock tick (a few ms),
+        // not per write: a pause always moves the coarse clock.
+        let now = self.now();
+        if self.lease_checked_at.replace(now) != now {
+            self.update_streams(now);
+        }
         let mut reqs = Vec::new();
         let mut buf = BytesMut::from(&h.frame[..]);
         let mut parser = RequestParser::new(usize::MAX >> 1);
@@ -737,19 +744,20 @@ impl Repl {
             Some(s) => {
                 for (i, st) in s.streams.iter().enumerate() {
                     t.push_str(&format!(
-                        "replica:{} redis={} state={} backlog_bytes={} backlog_entries={} lag={} resyncs={}\n",
+                        "replica:{} redis={} state={} backlog_bytes={} backlog_entries={} lag={} resyncs={} errors={}\n",
                         st.node,
                         st.addr,
                         st.state.name(),
                         st.backlog_bytes(),
                         st.backlog_entries(),
                         s.lag(i),
-                        st.resyncs
+                        st.resyncs,
+                        st.errors
                     ));
                 }
                 t.push_str(&format!(
-                    "merged_keys:{}\nconflict_keys:{}\n",
-                    s.counters.merged_keys, s.counters.conflict_keys
+                    "merged_keys:{}\nconflict_keys:{}\npartition_writes_lost:{}\n",
+                    s.counters.merged_keys, s.counters.conflict_keys, s.counters.lost_partition_writes as u8
                 ));
             }
             None => {
@@ -953,7 +961,7 @@ async fn scan_task(repl: Rc<Repl>, t: usize, gen: u64) {
     if let Err(why) = scan_keys(&repl, t, gen).await {
         if repl.gen.get() == gen {
             if let Some(q) = repl.seq.borrow_mut().as_mut() {
-                q.restart_resync(t, &why);
+                q.abort_resync(t, &why);
             }
             repl.after_seq();
         }
