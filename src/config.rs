@@ -129,23 +129,60 @@ pub enum WriteAck {
     Local,
 }
 
+/// `[replication] mode`: how a write reaches both Redis of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationMode {
+    /// Redis's own replication, steered by the sidecars (DESIGN.md N1–N7).
+    Native,
+    /// The sidecars apply every write to every Redis (the writer's sequencer, M1–M7).
+    Mirror,
+}
+
+/// `[replication] lone_start`: what a native-mode sidecar does when it starts and neither
+/// the peer's sidecar nor its Redis answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoneStart {
+    /// After `failover_timeout_ms`, serve from the local Redis as primary (its writes are
+    /// recorded and merged when the peer returns, as after a partition).
+    AfterTimeout,
+    /// Wait until the peer's Redis or sidecar answers.
+    Never,
+}
+
+/// Default `[replication] ack_timeout_ms`: how long `write_ack = "all"` waits for the replica.
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 1000;
+
 /// `[replication]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicationConfig {
+    pub mode: ReplicationMode,
     pub write_ack: WriteAck,
     pub failover_timeout_ms: u64,
     pub backlog_bytes: ByteSize,
     pub secret: String,
+    /// Native mode: the `WAIT 1 <ack_timeout_ms>` ending each batch that carries writes.
+    pub ack_timeout_ms: u64,
+    /// Native mode: 1 = refuse writes while the replica is not connected (Redis's own
+    /// `min-replicas-to-write`, set on the primary by the sidecar); 0 = acknowledge on the
+    /// primary alone and say so.
+    pub min_replicas_to_write: u32,
+    pub lone_start: LoneStart,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
         ReplicationConfig {
+            mode: ReplicationMode::Native,
             write_ack: WriteAck::All,
             failover_timeout_ms: 1000,
             backlog_bytes: ByteSize(256 << 20),
             secret: String::new(),
+            ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            min_replicas_to_write: 0,
+            lone_start: LoneStart::AfterTimeout,
         }
     }
 }
@@ -293,6 +330,15 @@ impl Config {
                 "must be set when [[peers]] are configured (the peer link refuses anyone without it)".into(),
             );
         }
+        if self.replication.min_replicas_to_write > 1 {
+            return bad("replication.min_replicas_to_write", "must be 0 or 1 (a pair has one replica)".into());
+        }
+        if self.replication.ack_timeout_ms == 0 {
+            return bad("replication.ack_timeout_ms", "must be greater than 0".into());
+        }
+        if self.native() && self.peers.len() > 1 {
+            return bad("peers", "native mode runs pairs: exactly one [[peers]] entry".into());
+        }
         if self.replication.failover_timeout_ms < 100 {
             return bad("replication.failover_timeout_ms", "must be at least 100".into());
         }
@@ -313,8 +359,18 @@ impl Config {
         match self.node.sequencing {
             Sequencing::Slot => true,
             Sequencing::Local => false,
-            Sequencing::Auto => !self.peers.is_empty(),
+            Sequencing::Auto => self.mirror(),
         }
+    }
+
+    /// A pair on Redis's own replication.
+    pub fn native(&self) -> bool {
+        !self.peers.is_empty() && self.replication.mode == ReplicationMode::Native
+    }
+
+    /// A pair (or group) on the sidecars' own sequencer.
+    pub fn mirror(&self) -> bool {
+        !self.peers.is_empty() && self.replication.mode == ReplicationMode::Mirror
     }
 }
 

@@ -8,6 +8,8 @@
 //!   forward on a shared lane or on a dedicated connection, wait). No I/O, no clock.
 //! - [`replication`]: the pair's writer election, ordered replication streams, effects,
 //!   backlog, resync and merge. No I/O, no clock.
+//! - [`route`]: native mode's routing facts (write target, local reads, recorded keys),
+//!   published by the control plane for every core. No I/O.
 //! - [`config`]: the TOML configuration with defaults and validation.
 //! - [`server`]: the thin monoio shell that runs all of the above on sockets.
 
@@ -15,6 +17,7 @@ pub mod command;
 pub mod config;
 pub mod replication;
 pub mod resp;
+pub mod route;
 pub mod server;
 pub mod session;
 pub mod slot;

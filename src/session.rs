@@ -31,6 +31,9 @@ pub enum Lane {
     /// The pair's writer: this node's sequencer when it is the writer, else the peer link
     /// to the writer (reached through core 0).
     Writer,
+    /// Native mode: this core's shared connection to the peer's Redis (the primary when the
+    /// local Redis is its replica).
+    PeerShared,
 }
 
 /// How a forwarded command uses the dedicated connection.
@@ -78,6 +81,8 @@ pub struct Forward {
     /// Redis runs it even while a script is busy (MULTI, WATCH, ...): a SELECT sent in front
     /// of it could fail (BUSY) while it succeeds, leaving it in the wrong database.
     pub allow_busy: bool,
+    /// It may change data (native mode, `write_ack = "all"`: its batch ends with WAIT).
+    pub write: bool,
 }
 
 /// What CLIENT LIST shows of a client; published by the shell to a registry all cores read.
@@ -170,6 +175,9 @@ pub enum Action {
     /// Cannot go yet without overtaking an in-flight command: offer it again after the next
     /// completion.
     Wait,
+    /// Native mode: no primary Redis right now (the pair is forming, failing over or
+    /// merging): offer it again shortly, up to `request_timeout_ms`, then answer `TRYAGAIN`.
+    Hold,
     /// CLIENT LIST / CLIENT KILL: answered by the shell from the registry of all clients.
     Clients(ClientQuery),
     /// RESPLICA STATUS: answered by the shell from the replication status.
@@ -231,6 +239,11 @@ pub struct SessionEnv {
     /// Pair mode: whether the local Redis is known to be in sync (else reads go to the
     /// writer too; invariant 5). Set by the replication shell.
     pub local_in_sync: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Native mode: where writes and reads go, published by the control plane.
+    pub native: Option<std::sync::Arc<crate::route::NativeRoute>>,
+    /// Native mode with `write_ack = "local"`: a client that wrote reads at the primary
+    /// (its replica may not have the write yet).
+    pub write_ack_local: bool,
 }
 
 /// Shared by all cores; touched when a dedicated connection opens or closes and by the rare
@@ -295,6 +308,8 @@ pub struct Session {
     queued_db: Option<u32>,
     /// Pair mode: WATCH is held by the writer's sequencer.
     pair_watching: bool,
+    /// Native mode: this client's reads go to the primary (it wrote with `write_ack = "local"`).
+    read_at_primary: bool,
 }
 
 /// Commands sent and not yet answered, by lane and by slot.
@@ -396,6 +411,7 @@ impl Session {
             queue_failed: false,
             queued_db: None,
             pair_watching: false,
+            read_at_primary: false,
         }
     }
 
@@ -422,8 +438,21 @@ impl Session {
         self.tracking = false;
     }
 
-    /// Decide what to do with one request. Changes state only when the answer is not `Wait`.
+    /// Decide what to do with one request. Changes state only when the answer is not `Wait`
+    /// or `Hold`.
     pub fn on_request(&mut self, req: &Request, env: &SessionEnv) -> Action {
+        let action = self.decide(req, env);
+        if let (Some(n), Action::Forward(f)) = (&env.native, &action) {
+            // Native mode, possibly cut off from the other side: remember what this side's
+            // clients write to this side's Redis, for the partition merge (N6).
+            if f.write && f.lane != Lane::PeerShared && n.recording() {
+                n.record_request(f.db, req);
+            }
+        }
+        action
+    }
+
+    fn decide(&mut self, req: &Request, env: &SessionEnv) -> Action {
         if req.is_empty() {
             return Action::Nothing;
         }
@@ -523,6 +552,18 @@ impl Session {
                 | b"sunsubscribe"
                 | b"monitor"
         );
+        let needs_primary = pubsub_mode
+            || is_blocking(name, req, flags)
+            || name == b"multi"
+            || name == b"watch"
+            || (name == b"client" && req.len() > 1 && req.arg(1).eq_ignore_ascii_case(b"tracking"));
+        if needs_primary && !self.in_dedicated_state() {
+            if let Some(n) = &env.native {
+                if n.writes() == crate::route::WriteTarget::Hold {
+                    return Action::Hold;
+                }
+            }
+        }
         if pubsub_mode {
             if !self.inflight.only_on(Lane::Dedicated) {
                 return Action::Wait;
@@ -580,6 +621,9 @@ impl Session {
     /// Route an ordinary command to a shared lane, holding it back if it could overtake one
     /// of this client's in-flight commands.
     fn route(&mut self, req: &Request, def: Option<&'static CommandDef>, env: &SessionEnv) -> Action {
+        if let Some(n) = &env.native {
+            return self.route_native(req, def, env, n);
+        }
         let write = if env.pair { command::replicates(def, req) } else { command::is_write(def) };
         // A client that WATCHes reads at the writer: what it reads is then at least as new as
         // its watch point whatever `write_ack` is.
@@ -640,6 +684,38 @@ impl Session {
         self.forward(req, lane, scope, DedicatedUse::No, def)
     }
 
+    /// Native mode: writes to the primary Redis's lane; reads to the local Redis's lane when
+    /// it may serve them (N4), else to the primary's. One lane at a time per client, so a
+    /// command waits for the client's commands in flight on the other lane.
+    fn route_native(
+        &mut self,
+        req: &Request,
+        def: Option<&'static CommandDef>,
+        env: &SessionEnv,
+        n: &crate::route::NativeRoute,
+    ) -> Action {
+        use crate::route::WriteTarget;
+        let write = command::is_write(def);
+        let primary = match n.writes() {
+            WriteTarget::Local => Some(Lane::Shared(self.core)),
+            WriteTarget::Peer => Some(Lane::PeerShared),
+            WriteTarget::Hold => None,
+        };
+        let local_read = !write && n.reads_local() && !self.read_at_primary;
+        let lane = match (local_read, primary) {
+            (true, _) => Lane::Shared(self.core),
+            (false, Some(p)) => p,
+            (false, None) => return Action::Hold,
+        };
+        if !self.inflight.only_on(lane) {
+            return Action::Wait;
+        }
+        if write && env.write_ack_local && lane == Lane::PeerShared {
+            self.read_at_primary = true;
+        }
+        self.forward(req, lane, Scope::All, DedicatedUse::No, def)
+    }
+
     fn forward(
         &mut self,
         req: &Request,
@@ -662,6 +738,7 @@ impl Session {
             discard,
             any_db: false,
             allow_busy: def.is_some_and(|d| d.flags & command::F_ALLOW_BUSY != 0),
+            write: command::is_write(def),
         })
     }
 
@@ -765,6 +842,7 @@ impl Session {
                     dedicated: DedicatedUse::No,
                     discard,
                     any_db: false,
+                    write: true,
                     allow_busy: false,
                 }))
             }
@@ -1226,6 +1304,8 @@ mod tests {
             slot_sequencing: slot,
             pair: false,
             local_in_sync: Default::default(),
+            native: None,
+            write_ack_local: false,
             redis_version: "7.0.15".into(),
             databases: 16,
             upstream_ids: UpstreamIds::default(),

@@ -4,11 +4,14 @@
 //!   full resync and partition merge copies, blocking pops and WATCH.
 //! - [`effects`]: how a write is shipped so that replicas end equal (absolute expiry,
 //!   SPOP → SREM, key copies).
+//! - [`native`]: native mode's control plane (Redis's own replication, steered): roles from
+//!   evidence, failover, routing, partition recording and merge decisions.
 //! - [`reply`]: the reply shapes the above look inside.
 //!
 //! The runtime shell (`server::replica`, `server::peer`) feeds these with sockets and time.
 
 pub mod effects;
 pub mod membership;
+pub mod native;
 pub mod reply;
 pub mod sequencer;

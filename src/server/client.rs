@@ -20,7 +20,7 @@ use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::io::read_more;
-use super::lane::{connect_upstream, roundtrip, Sink};
+use super::lane::{connect_redis, roundtrip, Sink};
 use super::stall::{tick_for, StallClock};
 use super::{Core, CoreMsg, Signal};
 use crate::resp::{self, ReplySkimmer, RequestParser};
@@ -292,7 +292,7 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         let (rd, wr) = stream.into_split();
         let writer = monoio::spawn(write_loop(client.clone(), wr));
         read_loop(client.clone(), rd).await;
-        if !core.shared.cfg.peers.is_empty() {
+        if core.shared.cfg.mirror() {
             // Its WATCH and blocked pops live at the writer's sequencer: forget them.
             if core.idx == 0 {
                 let repl = core.repl.borrow().clone();
@@ -350,6 +350,11 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut held: Option<crate::resp::Request> = None;
     let mut dedicated: Option<Dedicated> = None;
+    // Native mode: when the request in `held` started waiting for a primary, and whether it
+    // waits for one now (re-offered on a timer, not on a completion).
+    let mut hold_since: Option<std::time::Instant> = None;
+    let mut holding = false;
+    let hold_limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     'conn: loop {
         // Act on everything already buffered.
         loop {
@@ -376,9 +381,26 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                 client.session.borrow_mut().on_request(&req, &env)
             };
             client.publish_info();
+            if !matches!(action, Action::Hold) {
+                hold_since = None;
+            }
             match action {
                 Action::Wait => {
                     held = Some(req);
+                    break;
+                }
+                Action::Hold => {
+                    let since = *hold_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= hold_limit {
+                        hold_since = None;
+                        client.push_local(resp::error(&format!(
+                            "TRYAGAIN resplica: no primary Redis reachable for {} ms (the pair is forming, failing over or merging)",
+                            hold_limit.as_millis()
+                        )));
+                        continue;
+                    }
+                    held = Some(req);
+                    holding = true;
                     break;
                 }
                 Action::Nothing => {}
@@ -405,6 +427,14 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     }
                 }
             }
+        }
+        if holding {
+            holding = false;
+            monoio::select! {
+                _ = monoio::time::sleep(std::time::Duration::from_millis(10)) => {},
+                _ = client.close_signal.wait() => {},
+            }
+            continue;
         }
         if held.is_some() || client.backpressured() {
             monoio::select! {
@@ -441,11 +471,19 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let proto = client.session.borrow().proto;
             let seq = client.push_pending(Some(f.tag), f.discard);
             let lane = core.lane(proto);
-            if !lane.is_connected() && !core.shared.cfg.peers.is_empty() {
+            if !lane.is_connected() && core.shared.cfg.mirror() {
                 // Pair mode: the local Redis is down; the writer's replicas serve the read.
                 core.shared.local_in_sync.store(false, std::sync::atomic::Ordering::Relaxed);
                 send_writer(client, seq, f.db, proto, f.frame);
-            } else if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq)) {
+            } else if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq), f.write) {
+                client.fill(seq, reply);
+            }
+        }
+        Lane::PeerShared => {
+            let proto = client.session.borrow().proto;
+            let seq = client.push_pending(Some(f.tag), f.discard);
+            let lane = core.peer_lane(proto);
+            if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq), f.write) {
                 client.fill(seq, reply);
             }
         }
@@ -487,7 +525,9 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 // A spare connection in db 0 goes out with no round trip; SELECT and HELLO are
                 // then sent in the same write as the command. Not for a command Redis runs
                 // while busy in another database (the SELECT could fail and it would not).
-                let warm = if f.db == 0 || f.any_db || !f.allow_busy { core.warm.borrow_mut().pop() } else { None };
+                let usable = f.db == 0 || f.any_db || !f.allow_busy;
+                let local = core.dedicated_target() == core.shared.cfg.redis.address;
+                let warm = if usable && local { core.warm.borrow_mut().pop() } else { None };
                 if let Some(w) = warm {
                     core.warm_refill.notify();
                     *dedicated = Some(adopt_dedicated(client, w, 0, 2));
@@ -564,15 +604,15 @@ fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, frame: bytes::
 }
 
 async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedicated, String> {
-    let conn = connect_spare(&client.core, proto, db).await?;
+    let conn = connect_spare(&client.core, client.core.dedicated_target(), proto, db).await?;
     Ok(adopt_dedicated(client, conn, db, proto))
 }
 
 /// Connect and authenticate a connection for some client's exclusive use, and learn Redis's
 /// id for it, so that other clients can name its owner in CLIENT TRACKING REDIRECT / CLIENT
 /// UNBLOCK by the id the proxy gave.
-async fn connect_spare(core: &Core, proto: u8, db: u32) -> Result<WarmConn, String> {
-    let mut stream = connect_upstream(core, proto, db).await?;
+async fn connect_spare(core: &Core, addr: std::net::SocketAddr, proto: u8, db: u32) -> Result<WarmConn, String> {
+    let mut stream = connect_redis(&core.shared.cfg.redis, addr, proto, db).await?;
     let timeout = core.shared.cfg.redis.connect_timeout_ms;
     let replies = roundtrip(&mut stream, &[vec![b"CLIENT".to_vec(), b"ID".to_vec()]], timeout).await?;
     let upstream_id = replies.first().and_then(|r| resp::integer_reply(r)).filter(|&i| i > 0).map(|i| i as u64);
@@ -617,7 +657,7 @@ pub(crate) async fn keep_warm(core: Rc<Core>) {
             core.warm_refill.wait().await;
             continue;
         }
-        match connect_spare(&core, 2, 0).await {
+        match connect_spare(&core, core.shared.cfg.redis.address, 2, 0).await {
             Ok(conn) => {
                 core.warm.borrow_mut().push(conn);
                 backoff = std::time::Duration::from_millis(50);

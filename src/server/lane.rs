@@ -3,12 +3,19 @@
 //! buffer and written once per event-loop turn; replies come back in order and are matched to
 //! their senders first-in first-out.
 //!
+//! In a native-mode pair with `write_ack = "all"`, every batch that carries a write ends with
+//! `WAIT 1 <ack_timeout_ms>` on the same connection (one wait per batch, DESIGN.md N3): the
+//! batch's replies are held until the WAIT answers.
+//!
 //! The lane owns reconnecting (with capped exponential backoff) and the request timeout: when
 //! Redis is down or stalls, every waiting sender gets a clear `-ERR` instead of a hang.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -19,7 +26,9 @@ use tracing::{info, warn};
 use super::io::read_more;
 use super::stall::{tick_for, StallClock};
 use super::{Core, CoreMsg, Signal};
+use crate::replication::native::Side;
 use crate::resp::{self, ReplySkimmer};
+use crate::route::NativeRoute;
 
 /// Frames larger than this are written as their own buffer instead of being copied into the
 /// coalescing buffer.
@@ -47,6 +56,34 @@ pub(crate) fn deliver_to(core: &Core, sink: Sink, reply: Bytes) {
     }
 }
 
+/// A request waiting for its reply.
+struct Pending {
+    sink: Sink,
+    mark: Mark,
+    /// Native, `write_ack = "all"`: a write's database and frame (its keys are recorded if
+    /// the replica does not confirm it).
+    write: Option<(u32, Bytes)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// Delivered when its reply arrives.
+    Plain,
+    /// Part of a batch that ends with WAIT: held until the WAIT answers.
+    Held,
+    /// The WAIT itself.
+    Wait,
+}
+
+/// Native mode: what the lane needs to know about the pair.
+pub(crate) struct LaneNative {
+    pub route: Arc<NativeRoute>,
+    /// Which Redis this lane talks to.
+    pub side: Side,
+    /// `WAIT 1 <ack_timeout_ms>`, when `write_ack = "all"`.
+    pub wait: Option<Bytes>,
+}
+
 struct LaneState {
     connected: bool,
     stopping: bool,
@@ -58,7 +95,12 @@ struct LaneState {
     out: VecDeque<Bytes>,
     current: BytesMut,
     /// Senders waiting for replies, oldest first.
-    sinks: VecDeque<Sink>,
+    sinks: VecDeque<Pending>,
+    /// Requests queued since the last write to Redis, and how many of them are writes.
+    unflushed: usize,
+    unflushed_writes: usize,
+    /// Replies waiting for their batch's WAIT: (sink, reply, write).
+    held: Vec<(Sink, Bytes, Option<(u32, Bytes)>)>,
     /// Replies received on this connection (the stall detector watches it move).
     replies_seen: u64,
     /// Why the current connection must be abandoned (set by the timeout check).
@@ -69,16 +111,21 @@ struct LaneState {
 pub(crate) struct Lane {
     core: Weak<Core>,
     proto: u8,
+    /// The Redis this lane connects to.
+    addr: SocketAddr,
+    native: Option<LaneNative>,
     st: RefCell<LaneState>,
     wake_writer: Signal,
     wake_conn: Signal,
 }
 
 impl Lane {
-    pub fn new(core: Weak<Core>, proto: u8) -> Rc<Lane> {
+    pub fn new(core: Weak<Core>, proto: u8, addr: SocketAddr, native: Option<LaneNative>) -> Rc<Lane> {
         Rc::new(Lane {
             core,
             proto,
+            addr,
+            native,
             st: RefCell::new(LaneState {
                 connected: false,
                 stopping: false,
@@ -87,6 +134,9 @@ impl Lane {
                 out: VecDeque::new(),
                 current: BytesMut::new(),
                 sinks: VecDeque::new(),
+                unflushed: 0,
+                unflushed_writes: 0,
+                held: Vec::new(),
                 replies_seen: 0,
                 broken: None,
             }),
@@ -95,21 +145,31 @@ impl Lane {
         })
     }
 
-    /// Queue a request; the error reply to give the sender if Redis is unreachable.
-    pub fn enqueue(&self, db: u32, frame: Bytes, sink: Sink) -> Result<(), Bytes> {
+    /// Queue a request (`write`: it may change data); the error reply to give the sender if
+    /// Redis is unreachable.
+    pub fn enqueue(&self, db: u32, frame: Bytes, sink: Sink, write: bool) -> Result<(), Bytes> {
         let mut st = self.st.borrow_mut();
         if !st.connected {
-            let addr = self.core.upgrade().map(|c| c.shared.cfg.redis.address.to_string()).unwrap_or_default();
-            return Err(resp::error(&format!("ERR resplica: Redis at {addr} is unavailable ({})", st.down_reason)));
+            return Err(resp::error(&format!(
+                "ERR resplica: Redis at {} is unavailable ({})",
+                self.addr, st.down_reason
+            )));
         }
         if db != st.db {
             let select = crate::resp::Request::from_args(&[b"SELECT".as_slice(), db.to_string().as_bytes()]);
             st.push_frame(&select.frame);
-            st.sinks.push_back(Sink::Discard);
+            st.sinks.push_back(Pending { sink: Sink::Discard, mark: Mark::Plain, write: None });
+            st.unflushed += 1;
             st.db = db;
         }
         st.push_frame(&frame);
-        st.sinks.push_back(sink);
+        let acked = write && self.native.as_ref().is_some_and(|n| n.wait.is_some());
+        let write = if acked { Some((db, frame)) } else { None };
+        st.sinks.push_back(Pending { sink, mark: Mark::Plain, write });
+        st.unflushed += 1;
+        if acked {
+            st.unflushed_writes += 1;
+        }
         drop(st);
         self.wake_writer.notify();
         Ok(())
@@ -134,11 +194,51 @@ impl Lane {
 
     fn fail_all(&self, reason: &str) {
         let msg = resp::error(&format!("ERR resplica: {reason}"));
+        let held = std::mem::take(&mut self.st.borrow_mut().held);
+        for (sink, _, _) in held {
+            self.deliver(sink, msg.clone());
+        }
         loop {
             let next = self.st.borrow_mut().sinks.pop_front();
             match next {
-                Some(sink) => self.deliver(sink, msg.clone()),
+                Some(p) => self.deliver(p.sink, msg.clone()),
                 None => break,
+            }
+        }
+        let mut st = self.st.borrow_mut();
+        st.unflushed = 0;
+        st.unflushed_writes = 0;
+    }
+
+    /// A reply arrived for the oldest pending request.
+    fn on_reply(&self, p: Pending, reply: Bytes) {
+        match p.mark {
+            Mark::Plain => self.deliver(p.sink, reply),
+            Mark::Held => self.st.borrow_mut().held.push((p.sink, reply, p.write)),
+            Mark::Wait => {
+                let confirmed = resp::integer_reply(&reply).is_some_and(|n| n >= 1);
+                let held = std::mem::take(&mut self.st.borrow_mut().held);
+                for (sink, r, write) in held {
+                    match (&write, &self.native) {
+                        (Some((db, frame)), Some(n)) if !confirmed && !resp::is_error(&r) => {
+                            n.route.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
+                            if n.side == Side::Local {
+                                // Acknowledged on this side's Redis alone: if the other side
+                                // takes over, the partition merge brings it back (N6).
+                                n.route.record_frame(*db, frame);
+                                self.deliver(sink, r);
+                            } else {
+                                self.deliver(
+                                    sink,
+                                    resp::error(
+                                        "ERR resplica: the write reached the primary but its replica did not confirm it in time; it may be lost if the primary fails",
+                                    ),
+                                );
+                            }
+                        }
+                        _ => self.deliver(sink, r),
+                    }
+                }
             }
         }
     }
@@ -157,7 +257,30 @@ impl LaneState {
         }
     }
 
-    fn take_out(&mut self) -> VecDeque<Bytes> {
+    /// Everything queued, as chunks to write; ends a batch that carries writes with `wait`
+    /// (when given), holding its replies until the WAIT answers. `wait` is `None` when the
+    /// replica is not connected: such writes are acknowledged on the primary alone.
+    fn take_out(&mut self, wait: Option<&Bytes>, native: Option<&LaneNative>) -> VecDeque<Bytes> {
+        if self.unflushed_writes > 0 {
+            match wait {
+                Some(w) => {
+                    let n = self.unflushed.min(self.sinks.len());
+                    let len = self.sinks.len();
+                    for p in self.sinks.range_mut(len - n..) {
+                        p.mark = Mark::Held;
+                    }
+                    self.push_frame(w);
+                    self.sinks.push_back(Pending { sink: Sink::Discard, mark: Mark::Wait, write: None });
+                }
+                None => {
+                    if let Some(n) = native {
+                        n.route.acks_on_primary_alone.fetch_add(self.unflushed_writes as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        self.unflushed = 0;
+        self.unflushed_writes = 0;
         if !self.current.is_empty() {
             let chunk = self.current.split().freeze();
             self.out.push_back(chunk);
@@ -289,13 +412,13 @@ pub(crate) async fn run(lane: Rc<Lane>) {
         if lane.st.borrow().stopping {
             return;
         }
-        match connect_upstream(&core, lane.proto, 0).await {
+        match connect_redis(&cfg, lane.addr, lane.proto, 0).await {
             Ok(stream) => {
-                if lane.proto == 2 {
+                if lane.proto == 2 && lane.addr == cfg.address {
                     learn_server_facts(&core).await;
                 }
                 if !was_up {
-                    info!(core = core.idx, proto = lane.proto, "connected to Redis at {}", cfg.address);
+                    info!(core = core.idx, proto = lane.proto, "connected to Redis at {}", lane.addr);
                 }
                 was_up = true;
                 backoff = Duration::from_millis(10);
@@ -321,17 +444,19 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     st.out.clear();
                     st.current.clear();
                 }
-                warn!(core = core.idx, proto = lane.proto, "connection to Redis at {} lost: {reason}", cfg.address);
-                // Spare connections are likely dead too (Redis restarted): make new ones.
-                core.warm.borrow_mut().clear();
-                core.warm_refill.notify();
-                lane.fail_all(&format!("connection to Redis at {} failed: {reason}", cfg.address));
+                warn!(core = core.idx, proto = lane.proto, "connection to Redis at {} lost: {reason}", lane.addr);
+                if lane.addr == cfg.address {
+                    // Spare connections are likely dead too (Redis restarted): make new ones.
+                    core.warm.borrow_mut().clear();
+                    core.warm_refill.notify();
+                }
+                lane.fail_all(&format!("connection to Redis at {} failed: {reason}", lane.addr));
                 continue;
             }
             Err(e) => {
                 lane.st.borrow_mut().down_reason = e.clone();
                 if was_up {
-                    warn!(core = core.idx, proto = lane.proto, "cannot reach Redis at {}: {e}; retrying", cfg.address);
+                    warn!(core = core.idx, proto = lane.proto, "cannot reach Redis at {}: {e}; retrying", lane.addr);
                     was_up = false;
                 }
             }
@@ -374,7 +499,7 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
                         st.sinks.pop_front()
                     };
                     match next {
-                        Some(sink) => lane.deliver(sink, reply),
+                        Some(p) => lane.on_reply(p, reply),
                         None => return "Redis sent a reply nobody asked for".to_string(),
                     }
                 }
@@ -387,7 +512,8 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
 
 async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
     loop {
-        let chunks = lane.st.borrow_mut().take_out();
+        let wait = lane.native.as_ref().and_then(|n| n.wait.as_ref().filter(|_| n.route.replica_linked()));
+        let chunks = lane.st.borrow_mut().take_out(wait, lane.native.as_ref());
         if chunks.is_empty() {
             lane.wake_writer.wait().await;
             continue;

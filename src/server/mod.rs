@@ -10,6 +10,7 @@
 mod client;
 mod io;
 mod lane;
+mod native;
 mod peer;
 mod replica;
 mod signal;
@@ -46,6 +47,9 @@ pub enum StartError {
     /// A runtime thread died.
     #[error("runtime thread {0} failed")]
     ThreadFailed(usize),
+    /// The peer's Redis address (`[[peers]] redis`) does not resolve.
+    #[error("cannot resolve the peer's Redis address {addr}: {reason}")]
+    PeerAddress { addr: String, reason: String },
 }
 
 /// A message between cores.
@@ -79,6 +83,10 @@ pub(crate) struct Shared {
     pub local_in_sync: Arc<AtomicBool>,
     /// The replication status text (RESPLICA STATUS), refreshed by core 0.
     pub status: std::sync::Mutex<String>,
+    /// Native mode: the route the control plane publishes.
+    pub native: Option<Arc<crate::route::NativeRoute>>,
+    /// Native mode: the peer's Redis.
+    pub peer_redis: Option<SocketAddr>,
 }
 
 /// One core's state, owned by its runtime thread.
@@ -88,6 +96,8 @@ pub(crate) struct Core {
     pub env: RefCell<SessionEnv>,
     /// Shared upstream connections: index 0 speaks RESP2, index 1 RESP3.
     pub lanes: [Rc<lane::Lane>; 2],
+    /// Native mode: shared connections to the peer's Redis (RESP2, RESP3).
+    pub peer_lanes: Option<[Rc<lane::Lane>; 2]>,
     pub clients: RefCell<HashMap<u64, Weak<client::Client>>>,
     pub shutdown: Signal,
     /// Connected, authenticated RESP2 connections in database 0, ready to become a client's
@@ -108,6 +118,23 @@ pub(crate) struct Core {
 impl Core {
     pub fn lane(&self, proto: u8) -> &Rc<lane::Lane> {
         &self.lanes[if proto >= 3 { 1 } else { 0 }]
+    }
+
+    /// Native mode: the shared connection to the peer's Redis (the local one otherwise).
+    pub fn peer_lane(&self, proto: u8) -> &Rc<lane::Lane> {
+        match &self.peer_lanes {
+            Some(l) => &l[if proto >= 3 { 1 } else { 0 }],
+            None => self.lane(proto),
+        }
+    }
+
+    /// The Redis that dedicated connections (transactions, blocking commands, pub/sub) use:
+    /// the primary's in native mode, else the local one.
+    pub fn dedicated_target(&self) -> SocketAddr {
+        match (&self.shared.native, self.shared.peer_redis) {
+            (Some(n), Some(peer)) if n.writes() == crate::route::WriteTarget::Peer => peer,
+            _ => self.shared.cfg.redis.address,
+        }
     }
 
     /// Queue a message for core `dest`; it leaves with the rest of this turn's batch.
@@ -146,6 +173,17 @@ impl Server {
     /// Start one runtime thread per configured core. Returns once every thread listens.
     pub fn start(cfg: Config) -> Result<Server, StartError> {
         let n = cfg.thread_count();
+        let peer_redis = if cfg.native() {
+            let addr = &cfg.peers[0].redis;
+            let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+                .map_err(|e| StartError::PeerAddress { addr: addr.clone(), reason: e.to_string() })?
+                .next()
+                .ok_or_else(|| StartError::PeerAddress { addr: addr.clone(), reason: "no address".into() })?;
+            Some(resolved)
+        } else {
+            None
+        };
+        let native = cfg.native().then(|| Arc::new(crate::route::NativeRoute::default()));
         let mut txs = Vec::with_capacity(n);
         let mut rxs = Vec::with_capacity(n);
         for _ in 0..n {
@@ -164,6 +202,8 @@ impl Server {
             registry: Default::default(),
             local_in_sync: Arc::new(AtomicBool::new(false)),
             status: std::sync::Mutex::new(String::new()),
+            native,
+            peer_redis,
         });
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartError>>(n);
         let mut threads = Vec::with_capacity(n);
@@ -314,14 +354,36 @@ async fn core_main(
         redis_version: "7.0.0".into(),
         databases: 16,
         upstream_ids: shared.upstream_ids.clone(),
-        pair: !cfg.peers.is_empty(),
+        pair: cfg.mirror(),
         local_in_sync: shared.local_in_sync.clone(),
+        native: shared.native.clone(),
+        write_ack_local: cfg.replication.write_ack == crate::config::WriteAck::Local,
     };
+    let wait = (cfg.replication.write_ack == crate::config::WriteAck::All).then(|| {
+        crate::resp::Request::from_args(&[
+            b"WAIT".as_slice(),
+            b"1",
+            cfg.replication.ack_timeout_ms.to_string().as_bytes(),
+        ])
+        .frame
+    });
+    let lane_native =
+        |side| shared.native.as_ref().map(|route| lane::LaneNative { route: route.clone(), side, wait: wait.clone() });
+    use crate::replication::native::Side;
     let core = Rc::new_cyclic(|weak: &Weak<Core>| Core {
         idx,
         shared: shared.clone(),
         env: RefCell::new(env),
-        lanes: [lane::Lane::new(weak.clone(), 2), lane::Lane::new(weak.clone(), 3)],
+        lanes: [
+            lane::Lane::new(weak.clone(), 2, cfg.redis.address, lane_native(Side::Local)),
+            lane::Lane::new(weak.clone(), 3, cfg.redis.address, lane_native(Side::Local)),
+        ],
+        peer_lanes: shared.peer_redis.map(|peer| {
+            [
+                lane::Lane::new(weak.clone(), 2, peer, lane_native(Side::Peer)),
+                lane::Lane::new(weak.clone(), 3, peer, lane_native(Side::Peer)),
+            ]
+        }),
         clients: RefCell::new(HashMap::new()),
         shutdown: Signal::default(),
         warm: RefCell::new(Vec::new()),
@@ -331,7 +393,7 @@ async fn core_main(
         redis_run_id: RefCell::new(String::new()),
         repl: RefCell::new(None),
     });
-    if idx == 0 && !cfg.peers.is_empty() {
+    if idx == 0 && cfg.mirror() {
         match replica::Repl::start(&core) {
             Ok(r) => *core.repl.borrow_mut() = Some(r),
             Err(e) => {
@@ -341,7 +403,14 @@ async fn core_main(
             }
         }
     }
-    for l in &core.lanes {
+    if idx == 0 && cfg.native() {
+        if let Err(e) = native::start(&core) {
+            let msg = e.to_string();
+            let _ = ready.send(Err(StartError::Listen { addr: cfg.node.peer_listen, source: e }));
+            return Err(StartError::Listen { addr: cfg.node.peer_listen, source: std::io::Error::other(msg) });
+        }
+    }
+    for l in core.lanes.iter().chain(core.peer_lanes.iter().flatten()) {
         monoio::spawn(lane::run(l.clone()));
     }
     monoio::spawn(inbox_loop(core.clone(), inbox));
@@ -373,7 +442,7 @@ async fn core_main(
     while !core.clients.borrow().is_empty() && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
-    for l in &core.lanes {
+    for l in core.lanes.iter().chain(core.peer_lanes.iter().flatten()) {
         l.stop();
     }
     Ok(())
@@ -400,7 +469,7 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
                 }
                 CoreMsg::Request { from, client, seq, db, proto, frame, writer: false } => {
                     let sink = lane::Sink::Remote { core: from, client, seq };
-                    if let Err(reply) = core.lane(proto).enqueue(db, frame, sink) {
+                    if let Err(reply) = core.lane(proto).enqueue(db, frame, sink, false) {
                         core.send(from, CoreMsg::Reply { client, seq, reply });
                     }
                 }

@@ -132,7 +132,7 @@ impl Repl {
         });
         monoio::spawn(peer::serve(repl.clone(), peer_listener));
         if let Some(l) = admin {
-            monoio::spawn(serve_admin(repl.clone(), l));
+            monoio::spawn(serve_admin(repl.core.clone(), l));
         }
         for l in &repl.links {
             monoio::spawn(peer::run_link(repl.clone(), l.clone()));
@@ -1049,13 +1049,13 @@ async fn scan_keys(repl: &Rc<Repl>, t: usize, gen: u64) -> Result<(), String> {
 // ---- admin port -------------------------------------------------------------------------------
 
 /// RESP on `admin_listen`: `RESPLICA STATUS` (or `STATUS`), `PING`.
-async fn serve_admin(repl: Rc<Repl>, listener: TcpListener) {
+pub(crate) async fn serve_admin(core: Rc<Core>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             monoio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let core = repl.core.clone();
+        let core = core.clone();
         monoio::spawn(async move {
             let (mut rd, mut wr) = stream.into_split();
             let mut parser = RequestParser::new(1 << 20);

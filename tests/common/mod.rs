@@ -267,6 +267,9 @@ pub struct RedisServer {
     extra: Vec<String>,
     password: Option<String>,
     log: PathBuf,
+    /// Its own working directory: a replica writes the RDB of a full sync there, and a Redis
+    /// restarted in a shared directory would load another one's data.
+    dir: PathBuf,
 }
 
 impl RedisServer {
@@ -287,6 +290,7 @@ impl RedisServer {
                 extra: extra.clone(),
                 password: password.clone(),
                 log: temp_path("redis", "log"),
+                dir: temp_path("redis", "dir"),
             };
             match r.spawn() {
                 Ok(()) => return r,
@@ -298,8 +302,13 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("redis log file");
+        // A restart starts empty, as a Redis without persistence does.
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir).expect("redis dir");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
             .args(["--protected-mode", "no"])
             .args(&self.extra)
             .stdin(Stdio::null())
@@ -409,6 +418,7 @@ impl Drop for RedisServer {
             let _ = std::fs::remove_file(&self.log);
         }
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

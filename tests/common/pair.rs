@@ -499,6 +499,9 @@ fn answers_ping(port: u16) -> bool {
 /// Options of a test pair.
 #[derive(Debug, Clone)]
 pub struct PairOpts {
+    /// `[replication] mode`: "mirror" (the default here: the existing pair tests prove the
+    /// sequencer) or "native".
+    pub mode: &'static str,
     /// "all" or "local".
     pub write_ack: &'static str,
     pub failover_timeout_ms: u64,
@@ -517,6 +520,7 @@ pub struct PairOpts {
 impl Default for PairOpts {
     fn default() -> Self {
         PairOpts {
+            mode: "mirror",
             write_ack: "all",
             failover_timeout_ms: 500,
             backlog_bytes: "256MiB".into(),
@@ -591,6 +595,7 @@ fn node_toml(
          address = \"127.0.0.1:{peer_addr}\"\n\
          redis = \"127.0.0.1:{peer_redis}\"\n\
          [replication]\n\
+         mode = \"{}\"\n\
          write_ack = \"{}\"\n\
          failover_timeout_ms = {}\n\
          backlog_bytes = \"{}\"\n\
@@ -599,6 +604,7 @@ fn node_toml(
         me.peer,
         me.admin,
         opts.threads,
+        opts.mode,
         opts.write_ack,
         opts.failover_timeout_ms,
         opts.backlog_bytes,

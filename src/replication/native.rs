@@ -1,0 +1,932 @@
+//! Native mode's control plane (DESIGN.md N1–N7): which Redis of the pair is the primary and
+//! which one replicates it (`REPLICAOF`), when to fail over, where writes and reads go, when the
+//! keys written while cut off are recorded, and when a partition's writes must be merged.
+//!
+//! Sans-IO, like quinn-proto: the shell polls both Redis (`INFO`), exchanges [`PeerReport`]s
+//! with the peer sidecar, passes in what it saw and the time (milliseconds on any monotonic
+//! clock), and carries out the [`Command`]s that [`NativeNode::tick`] returns. [`Route`] says
+//! where writes and reads go right now. This module owns the decisions only; it never touches
+//! a socket, a clock or the data.
+//!
+//! Roles follow evidence (N5): who becomes primary after a start, crash or partition is decided
+//! by comparing both Redis's replication histories ([`compare`]: replid, replid2, offsets), never
+//! by what a sidecar remembers. Each sidecar changes only its own Redis's role, except that when
+//! the peer's sidecar is silent the peer's Redis may be promoted to keep the data it holds.
+
+use std::cmp::Ordering;
+
+/// One side of the pair, seen from this sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// This sidecar's own Redis.
+    Local,
+    /// The peer sidecar's Redis.
+    Peer,
+}
+
+/// What `INFO server replication keyspace` says about one Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplInfo {
+    /// `run_id`: changes on every restart of the process.
+    pub run_id: String,
+    /// `role:master`.
+    pub master: bool,
+    /// `master_replid`: the history this Redis is on.
+    pub replid: String,
+    /// `master_replid2`: the history it continued from (all zeros when none).
+    pub replid2: String,
+    /// `master_repl_offset`: bytes of history (for a replica: processed from its primary).
+    pub offset: u64,
+    /// `second_repl_offset`: the first offset of `replid`'s part of the history (-1: none).
+    pub second_offset: i64,
+    /// A replica whose link to its primary is up (`master_link_status:up`).
+    pub link_up: bool,
+    /// A replica in the middle of a full sync (`master_sync_in_progress:1`).
+    pub syncing: bool,
+    /// Keys in all databases (`INFO keyspace`).
+    pub keys: u64,
+}
+
+impl ReplInfo {
+    /// Parse the text of `INFO` (sections server, replication and keyspace). `None` when the
+    /// replication section is missing.
+    pub fn parse(text: &str) -> Option<ReplInfo> {
+        let mut info = ReplInfo { second_offset: -1, ..ReplInfo::default() };
+        let mut saw_role = false;
+        for line in text.lines() {
+            let Some((k, v)) = line.trim_end().split_once(':') else { continue };
+            match k {
+                "run_id" => info.run_id = v.to_string(),
+                "role" => {
+                    saw_role = true;
+                    info.master = v == "master";
+                }
+                "master_replid" => info.replid = v.to_string(),
+                "master_replid2" => info.replid2 = v.to_string(),
+                "master_repl_offset" => info.offset = v.parse().unwrap_or(0),
+                "second_repl_offset" => info.second_offset = v.parse().unwrap_or(-1),
+                "master_link_status" => info.link_up = v == "up",
+                "master_sync_in_progress" => info.syncing = v == "1",
+                _ if k.starts_with("db") && k[2..].bytes().all(|b| b.is_ascii_digit()) => {
+                    let keys = v.split(',').find_map(|f| f.strip_prefix("keys=")).and_then(|n| n.parse::<u64>().ok());
+                    info.keys += keys.unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+        saw_role.then_some(info)
+    }
+
+    /// The history this Redis effectively holds: a Redis that switched histories (promoted)
+    /// and has written nothing since holds exactly its old history.
+    fn effective(&self) -> (&str, u64) {
+        if self.second_offset > 0 && self.offset + 1 == self.second_offset as u64 {
+            (&self.replid2, self.offset)
+        } else {
+            (&self.replid, self.offset)
+        }
+    }
+
+    /// Holds no data and no history.
+    pub fn is_empty(&self) -> bool {
+        self.offset == 0 && self.keys == 0
+    }
+}
+
+/// Whether `x`'s history contains all of `y`'s.
+fn contains(x: &ReplInfo, y: &ReplInfo) -> bool {
+    if y.is_empty() {
+        return true;
+    }
+    let (yid, yoff) = y.effective();
+    (x.replid == yid && yoff <= x.offset) || (x.second_offset > 0 && x.replid2 == yid && yoff < x.second_offset as u64)
+}
+
+/// How two Redis's histories relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// The first holds everything the second does, and more.
+    First,
+    /// The second holds everything the first does, and more.
+    Second,
+    /// The same history.
+    Equal,
+    /// Each holds writes the other lacks (a partition, or unrelated data).
+    Diverged,
+}
+
+/// Compare two Redis's replication histories (DESIGN.md N5).
+pub fn compare(x: &ReplInfo, y: &ReplInfo) -> Holds {
+    match (contains(x, y), contains(y, x)) {
+        (true, true) => Holds::Equal,
+        (true, false) => Holds::First,
+        (false, true) => Holds::Second,
+        (false, false) => Holds::Diverged,
+    }
+}
+
+/// Which of two Redis should be the primary of the pair when neither is already serving as
+/// one: the copy that holds more; between equal copies the one already primary, then the
+/// higher priority; between diverged copies the longer history, then more keys, then the
+/// higher priority. Symmetric: both sidecars reach the same answer from the same evidence.
+/// `true`: the first.
+pub fn first_should_lead(x: &ReplInfo, x_prio: (u32, &str), y: &ReplInfo, y_prio: (u32, &str)) -> bool {
+    let by_priority = x_prio.0.cmp(&y_prio.0).then_with(|| y_prio.1.cmp(x_prio.1)) == Ordering::Greater;
+    match compare(x, y) {
+        Holds::First => true,
+        Holds::Second => false,
+        Holds::Equal => match (x.master, y.master) {
+            (true, false) => true,
+            (false, true) => false,
+            _ => by_priority,
+        },
+        Holds::Diverged => match x.offset.cmp(&y.offset).then(x.keys.cmp(&y.keys)) {
+            Ordering::Greater => true,
+            Ordering::Less => false,
+            Ordering::Equal => by_priority,
+        },
+    }
+}
+
+/// Why a Redis could not be observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Connection refused or closed: the process is gone (or restarting).
+    Refused,
+    /// No answer in time: stalled, paused or cut off.
+    Timeout,
+}
+
+/// The last observations of one Redis.
+#[derive(Debug, Clone, Default)]
+struct Observed {
+    /// The last answer, kept while the Redis is unreachable.
+    info: Option<ReplInfo>,
+    /// Whether the last poll answered.
+    up: bool,
+    /// Whether the last failure was a refused connection.
+    refused: bool,
+    /// When it last answered.
+    last_ok: Option<u64>,
+    /// The run_id seen before the current one (a restart shows as a change).
+    prev_run_id: String,
+}
+
+impl Observed {
+    fn current(&self) -> Option<&ReplInfo> {
+        if self.up {
+            self.info.as_ref()
+        } else {
+            None
+        }
+    }
+
+    fn down_for(&self, now: u64, since_start: u64) -> u64 {
+        now.saturating_sub(self.last_ok.unwrap_or(since_start))
+    }
+
+    fn record(&mut self, now: u64, seen: Result<ReplInfo, Unreachable>) {
+        match seen {
+            Ok(info) => {
+                if let Some(old) = &self.info {
+                    if old.run_id != info.run_id {
+                        self.prev_run_id = old.run_id.clone();
+                    }
+                }
+                self.info = Some(info);
+                self.up = true;
+                self.refused = false;
+                self.last_ok = Some(now);
+            }
+            Err(why) => {
+                self.up = false;
+                self.refused = why == Unreachable::Refused;
+            }
+        }
+    }
+}
+
+/// What each sidecar tells the other in every heartbeat (and the status shows).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerReport {
+    /// The sender's node id.
+    pub id: String,
+    /// The sender's epoch.
+    pub epoch: u64,
+    /// The node whose Redis the sender takes for the primary (empty: undecided).
+    pub primary: String,
+    /// Whether the sender's own Redis answers it.
+    pub redis_up: bool,
+    /// Whether the sender records the keys it writes (it is cut off from us).
+    pub recording: bool,
+    /// Whether the sender is merging its partition writes into our Redis.
+    pub merging: bool,
+    /// The sender's priority.
+    pub priority: u32,
+}
+
+impl PeerReport {
+    /// `key:value` lines.
+    pub fn encode(&self) -> String {
+        format!(
+            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\n",
+            self.id,
+            self.epoch,
+            self.primary,
+            self.redis_up as u8,
+            self.recording as u8,
+            self.merging as u8,
+            self.priority
+        )
+    }
+
+    /// Parse what `encode` wrote; `None` without an id.
+    pub fn decode(text: &str) -> Option<PeerReport> {
+        let mut r = PeerReport::default();
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once(':') else { continue };
+            match k {
+                "id" => r.id = v.to_string(),
+                "epoch" => r.epoch = v.parse().ok()?,
+                "primary" => r.primary = v.to_string(),
+                "redis_up" => r.redis_up = v == "1",
+                "recording" => r.recording = v == "1",
+                "merging" => r.merging = v == "1",
+                "priority" => r.priority = v.parse().ok()?,
+                _ => {}
+            }
+        }
+        (!r.id.is_empty()).then_some(r)
+    }
+}
+
+/// What to do when the peer cannot be reached at start (DESIGN.md N5's lone-start rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoneStart {
+    /// After `failover_timeout_ms` with neither the peer's sidecar nor its Redis answering,
+    /// serve from the local Redis as primary, recording the keys written (merged when the peer
+    /// returns, as after a partition). Availability first.
+    AfterTimeout,
+    /// Never serve alone: wait until the peer's Redis or sidecar answers.
+    Never,
+}
+
+/// The control plane's settings.
+#[derive(Debug, Clone)]
+pub struct NativeConfig {
+    pub id: String,
+    pub priority: u32,
+    pub peer_id: String,
+    pub peer_priority: u32,
+    pub failover_timeout_ms: u64,
+    pub lone_start: LoneStart,
+    /// How long the winner of a partition holds its writes for the loser's merge, at most.
+    pub merge_hold_ms: u64,
+}
+
+/// A change the shell must make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `REPLICAOF NO ONE` on this Redis.
+    Promote(Side),
+    /// `REPLICAOF <peer's Redis>` on the local Redis.
+    FollowPeer,
+    /// Copy the keys this side recorded while cut off (those the peer did not write too) into
+    /// the peer's Redis, then make the local Redis a replica of it; report with
+    /// [`NativeNode::merge_done`]. This side lost the partition.
+    Merge,
+    /// Forget the recorded keys: the peer's Redis replicates everything again.
+    ClearRecorded,
+}
+
+/// Where requests go right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The primary Redis writes go to; `None`: hold them (the pair is forming, failing over
+    /// or merging).
+    pub writes: Option<Side>,
+    /// Reads may use the local Redis (it is the primary, or a replica whose link is up).
+    pub reads_local: bool,
+    /// Record the keys of the writes sent now (this side may be cut off from the other).
+    pub recording: bool,
+}
+
+/// The phase of a partition merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    Idle,
+    /// This side lost: its merge runs (since).
+    Running(u64),
+    /// This side won: it holds writes while the loser copies (until).
+    Hosting(u64),
+}
+
+/// One sidecar's view of the pair and its decisions.
+#[derive(Debug)]
+pub struct NativeNode {
+    cfg: NativeConfig,
+    started: u64,
+    epoch: u64,
+    primary: Option<Side>,
+    local: Observed,
+    peer_redis: Observed,
+    peer: Option<(PeerReport, u64)>,
+    /// The local replica was cut loose from a primary that vanished (so that a primary
+    /// restarted empty cannot wipe it); writes wait until the evidence decides.
+    detached: bool,
+    recording: bool,
+    merge: Merge,
+    /// The last command and when it was issued (not repeated until it could have taken effect).
+    last_cmd: Option<(Command, u64)>,
+    events: Vec<String>,
+    failovers: u64,
+}
+
+impl NativeNode {
+    /// A sidecar that starts at `now` knowing nothing.
+    pub fn new(cfg: NativeConfig, now: u64) -> NativeNode {
+        NativeNode {
+            cfg,
+            started: now,
+            epoch: 0,
+            primary: None,
+            local: Observed::default(),
+            peer_redis: Observed::default(),
+            peer: None,
+            detached: false,
+            recording: false,
+            merge: Merge::Idle,
+            last_cmd: None,
+            events: Vec::new(),
+            failovers: 0,
+        }
+    }
+
+    /// How often the shell should poll both Redis and send a heartbeat.
+    pub fn poll_interval_ms(&self) -> u64 {
+        (self.cfg.failover_timeout_ms / 5).clamp(20, 200)
+    }
+
+    /// The local Redis answered `INFO` (or did not).
+    pub fn on_local(&mut self, now: u64, seen: Result<ReplInfo, Unreachable>) {
+        self.local.record(now, seen);
+    }
+
+    /// The peer's Redis answered `INFO` (or did not).
+    pub fn on_peer_redis(&mut self, now: u64, seen: Result<ReplInfo, Unreachable>) {
+        self.peer_redis.record(now, seen);
+    }
+
+    /// The peer sidecar's report arrived.
+    pub fn on_peer_report(&mut self, now: u64, report: PeerReport) {
+        self.peer = Some((report, now));
+    }
+
+    /// The peer sidecar asks this side to hold its writes while it merges into our Redis.
+    pub fn on_merge_requested(&mut self, now: u64) {
+        self.merge = Merge::Hosting(now + self.cfg.merge_hold_ms);
+        self.events.push("partition merge: the peer copies its writes here; writes held meanwhile".into());
+    }
+
+    /// The peer finished merging into our Redis (or gave up): writes flow again.
+    pub fn on_merge_finished(&mut self) {
+        if matches!(self.merge, Merge::Hosting(_)) {
+            self.merge = Merge::Idle;
+        }
+    }
+
+    /// The merge this side ran finished (the local Redis now follows the peer's when `ok`).
+    pub fn merge_done(&mut self, now: u64, ok: bool) {
+        if !matches!(self.merge, Merge::Running(_)) {
+            return;
+        }
+        self.merge = Merge::Idle;
+        self.last_cmd = None;
+        if ok {
+            let peer_epoch = self.peer.as_ref().map(|(r, _)| r.epoch).unwrap_or(0);
+            self.epoch = self.epoch.max(peer_epoch) + 1;
+            self.primary = Some(Side::Peer);
+            self.recording = false;
+            self.detached = false;
+            self.events.push(format!("partition merge done: following {} (epoch {})", self.cfg.peer_id, self.epoch));
+        } else {
+            self.events.push("partition merge failed; retrying".into());
+            // Retried by the next tick (the conflict is still there).
+            let _ = now;
+        }
+    }
+
+    /// What to tell the peer.
+    pub fn report(&self) -> PeerReport {
+        PeerReport {
+            id: self.cfg.id.clone(),
+            epoch: self.epoch,
+            primary: match self.primary {
+                Some(Side::Local) => self.cfg.id.clone(),
+                Some(Side::Peer) => self.cfg.peer_id.clone(),
+                None => String::new(),
+            },
+            redis_up: self.local.up,
+            recording: self.recording,
+            merging: matches!(self.merge, Merge::Running(_)),
+            priority: self.cfg.priority,
+        }
+    }
+
+    /// The peer's priority: as it reports it, else as configured.
+    fn peer_priority(&self) -> u32 {
+        match &self.peer {
+            Some((r, _)) => r.priority,
+            None => self.cfg.peer_priority,
+        }
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The side whose Redis is the primary, once decided.
+    pub fn primary(&self) -> Option<Side> {
+        self.primary
+    }
+
+    /// Failovers this node carried out.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    /// Log lines about decisions taken since the last call.
+    pub fn take_events(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Whether the peer sidecar was heard within `within` ms.
+    pub fn peer_heard_within(&self, now: u64, within: u64) -> bool {
+        self.peer.as_ref().is_some_and(|(_, at)| now.saturating_sub(*at) < within)
+    }
+
+    /// The last report of the peer sidecar, if any.
+    pub fn peer_report(&self) -> Option<&PeerReport> {
+        self.peer.as_ref().map(|(r, _)| r)
+    }
+
+    /// The last `INFO` of the local and the peer's Redis that answered the last poll.
+    pub fn observed(&self) -> (Option<&ReplInfo>, Option<&ReplInfo>) {
+        (self.local.current(), self.peer_redis.current())
+    }
+
+    /// Where requests go now.
+    pub fn route(&self, now: u64) -> Route {
+        let l = self.local.current();
+        let p = self.peer_redis.current();
+        let held = match self.merge {
+            Merge::Running(_) => true,
+            Merge::Hosting(until) => now < until,
+            Merge::Idle => false,
+        };
+        let writes = match self.primary {
+            _ if held => None,
+            Some(Side::Local) if l.is_some_and(|l| l.master) => Some(Side::Local),
+            Some(Side::Peer) if p.is_some_and(|p| p.master) => Some(Side::Peer),
+            _ => None,
+        };
+        let reads_local = match (self.primary, l) {
+            (Some(Side::Local), Some(l)) => l.master,
+            (Some(Side::Peer), Some(l)) => !l.master && l.link_up && !l.syncing,
+            _ => false,
+        };
+        Route { writes, reads_local, recording: self.recording && writes == Some(Side::Local) }
+    }
+
+    fn issue(&mut self, now: u64, cmd: Command, out: &mut Vec<Command>) {
+        let guard = (self.cfg.failover_timeout_ms / 2).max(300);
+        if let Some((last, at)) = &self.last_cmd {
+            if *last == cmd && now.saturating_sub(*at) < guard {
+                return;
+            }
+        }
+        self.last_cmd = Some((cmd.clone(), now));
+        out.push(cmd);
+    }
+
+    fn set_primary(&mut self, side: Side, why: &str) {
+        if self.primary != Some(side) {
+            self.epoch += 1;
+            self.primary = Some(side);
+            let who = match side {
+                Side::Local => &self.cfg.id,
+                Side::Peer => &self.cfg.peer_id,
+            };
+            self.events.push(format!("primary is now {who}'s Redis (epoch {}): {why}", self.epoch));
+        }
+    }
+
+    /// Decide. Call after feeding the latest observations; carry out what comes back.
+    pub fn tick(&mut self, now: u64) -> Vec<Command> {
+        let mut out = Vec::new();
+        let ft = self.cfg.failover_timeout_ms;
+        if let Merge::Hosting(until) = self.merge {
+            if now >= until {
+                self.merge = Merge::Idle;
+            }
+        }
+        let peer_alive = self.peer_heard_within(now, ft);
+        let peer = if peer_alive { self.peer.as_ref().map(|(r, _)| r.clone()) } else { None };
+        // Cut off: the peer sidecar has been silent for half the failover timeout, before it
+        // could take over; from here on, writes here may have to be merged later.
+        let cut_off = !self.peer_heard_within(now, ft / 2);
+        let l = self.local.current().cloned();
+        let p = self.peer_redis.current().cloned();
+        let peer_claims = peer.as_ref().is_some_and(|r| r.primary == self.cfg.peer_id);
+        let conflict = peer_claims
+            && self.primary == Some(Side::Local)
+            && l.as_ref().is_some_and(|l| l.master)
+            && p.as_ref().is_some_and(|p| p.master);
+
+        if conflict {
+            // Two primaries met (a partition healed): the higher priority keeps the role, the
+            // other merges the keys its clients wrote into it, then follows (N6).
+            // The copy that holds more wins (N5: never overwrite more with less); between
+            // diverged copies the longer history, then the higher priority.
+            let i_win = match (&l, &p) {
+                (Some(l), Some(p)) => first_should_lead(
+                    l,
+                    (self.cfg.priority, &self.cfg.id),
+                    p,
+                    (self.peer_priority(), &self.cfg.peer_id),
+                ),
+                _ => self.cfg.priority > self.peer_priority(),
+            };
+            if !i_win && self.merge == Merge::Idle {
+                self.merge = Merge::Running(now);
+                self.events.push(format!(
+                    "two primaries after a partition: {} wins on priority; merging this side's writes into it",
+                    self.cfg.peer_id
+                ));
+                self.issue(now, Command::Merge, &mut out);
+            }
+            if let Merge::Running(since) = self.merge {
+                if now.saturating_sub(since) > ft.max(self.cfg.merge_hold_ms) * 4 {
+                    // The shell lost track of it; start again.
+                    self.merge = Merge::Idle;
+                }
+            }
+            return out;
+        }
+        if matches!(self.merge, Merge::Running(_)) {
+            return out;
+        }
+
+        // The peer moved on (higher epoch, or equal and higher priority): take its word.
+        if let Some(r) = &peer {
+            let theirs = match r.primary.as_str() {
+                "" => None,
+                id if id == self.cfg.id => Some(Side::Local),
+                _ => Some(Side::Peer),
+            };
+            let outranks = r.epoch > self.epoch || (r.epoch == self.epoch && self.peer_priority() > self.cfg.priority);
+            let unsafe_to_follow = theirs == Some(Side::Peer) && self.recording;
+            if outranks && theirs.is_some() && theirs != self.primary && !unsafe_to_follow {
+                self.epoch = r.epoch;
+                self.primary = theirs;
+                self.events
+                    .push(format!("following {}'s decision: primary is {} (epoch {})", r.id, r.primary, r.epoch));
+            } else if r.epoch > self.epoch {
+                self.epoch = r.epoch;
+            }
+        }
+
+        let since = self.started;
+        if self.primary.is_none() {
+            self.form(now, &l, &p, peer_alive, &mut out);
+        }
+        match self.primary {
+            None => {}
+            Some(Side::Local) => {
+                match &l {
+                    Some(l) if !l.master => self.issue(now, Command::Promote(Side::Local), &mut out),
+                    Some(_) => {}
+                    None => {
+                        // Our Redis is gone: the peer's sidecar promotes its own once it sees
+                        // that; if that sidecar is silent too, promote its Redis from here.
+                        if self.local.down_for(now, since) >= ft {
+                            if let Some(p) = &p {
+                                if p.master {
+                                    self.set_primary(Side::Peer, "the local Redis is down and the peer's is primary");
+                                } else if !peer_alive {
+                                    self.issue(now, Command::Promote(Side::Peer), &mut out);
+                                    self.set_primary(
+                                        Side::Peer,
+                                        "the local Redis is down and the peer's sidecar silent",
+                                    );
+                                    self.failovers += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+                if cut_off && !self.recording && self.primary == Some(Side::Local) {
+                    self.recording = true;
+                    self.events.push(format!(
+                        "{} unheard for {} ms: recording the keys written here until it returns",
+                        self.cfg.peer_id,
+                        ft / 2
+                    ));
+                }
+            }
+            Some(Side::Peer) => self.follow(now, &l, &p, peer.as_ref(), &mut out),
+        }
+
+        // Everything the peer's Redis lacks is replicated again: forget the recorded keys.
+        if self.recording && self.primary == Some(Side::Local) && peer_alive && !cut_off {
+            if let Some(p) = &p {
+                if !p.master && p.link_up && !p.syncing {
+                    self.recording = false;
+                    self.events.push("the peer's Redis replicates from here again: recorded keys dropped".into());
+                    self.issue(now, Command::ClearRecorded, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// No primary decided yet (start).
+    fn form(&mut self, now: u64, l: &Option<ReplInfo>, p: &Option<ReplInfo>, peer_alive: bool, out: &mut Vec<Command>) {
+        let ft = self.cfg.failover_timeout_ms;
+        match (l, p) {
+            (Some(_), Some(_)) if self.peer.is_none() && now.saturating_sub(self.started) < ft => {
+                // Wait for the peer's first report (its priority) before comparing.
+            }
+            (Some(l), Some(p)) => {
+                let side = if l.master && !p.master && p.link_up {
+                    Side::Local
+                } else if p.master && !l.master && l.link_up {
+                    Side::Peer
+                } else if first_should_lead(
+                    l,
+                    (self.cfg.priority, &self.cfg.id),
+                    p,
+                    (self.peer_priority(), &self.cfg.peer_id),
+                ) {
+                    Side::Local
+                } else {
+                    Side::Peer
+                };
+                self.set_primary(side, "compared both Redis's replication histories");
+                if side == Side::Local && !l.master {
+                    self.issue(now, Command::Promote(Side::Local), out);
+                }
+            }
+            (Some(l), None) => {
+                let waited = self.peer_redis.down_for(now, self.started) >= ft;
+                if waited && !peer_alive && self.cfg.lone_start == LoneStart::AfterTimeout {
+                    self.set_primary(Side::Local, "the peer's sidecar and Redis are unreachable (lone start)");
+                    self.recording = true;
+                    if !l.master {
+                        self.issue(now, Command::Promote(Side::Local), out);
+                    }
+                } else if waited && peer_alive && l.master {
+                    // The peer's sidecar is up and its Redis down: ours is the only copy.
+                    self.set_primary(Side::Local, "the peer's Redis is down");
+                }
+            }
+            (None, Some(p)) => {
+                if p.master {
+                    self.set_primary(Side::Peer, "the local Redis is down and the peer's is primary");
+                } else if self.local.down_for(now, self.started) >= ft && !peer_alive {
+                    self.issue(now, Command::Promote(Side::Peer), out);
+                    self.set_primary(Side::Peer, "the local Redis is down and the peer's sidecar silent");
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// The peer's Redis is the primary: keep the local one replicating it, fail over when it
+    /// is gone, take over when it came back holding less.
+    fn follow(
+        &mut self,
+        now: u64,
+        l: &Option<ReplInfo>,
+        p: &Option<ReplInfo>,
+        peer: Option<&PeerReport>,
+        out: &mut Vec<Command>,
+    ) {
+        let ft = self.cfg.failover_timeout_ms;
+        let restarted = self
+            .peer_redis
+            .info
+            .as_ref()
+            .is_some_and(|i| !self.peer_redis.prev_run_id.is_empty() && i.run_id != self.peer_redis.prev_run_id);
+        match (l, p) {
+            (Some(l), Some(p)) if p.master => {
+                if l.master {
+                    match compare(l, p) {
+                        Holds::First | Holds::Diverged
+                            if first_should_lead(
+                                l,
+                                (self.cfg.priority, &self.cfg.id),
+                                p,
+                                (self.peer_priority(), &self.cfg.peer_id),
+                            ) =>
+                        {
+                            // The primary came back holding less (restarted empty or from an
+                            // old snapshot): ours is the copy to keep.
+                            self.detached = false;
+                            self.failovers += 1;
+                            self.set_primary(Side::Local, "the peer's Redis holds less than ours");
+                        }
+                        _ => {
+                            self.detached = false;
+                            self.issue(now, Command::FollowPeer, out);
+                        }
+                    }
+                } else if !l.link_up && restarted && !self.detached {
+                    // The primary restarted: do not let it replace our data before comparing.
+                    self.detached = true;
+                    self.peer_redis.prev_run_id = p.run_id.clone();
+                    self.events
+                        .push("the primary Redis restarted: replica detached until histories are compared".into());
+                    self.issue(now, Command::Promote(Side::Local), out);
+                }
+            }
+            (Some(l), Some(p)) => {
+                // Neither is serving as primary (both replicas).
+                let _ = p;
+                if !l.master {
+                    if first_should_lead(
+                        l,
+                        (self.cfg.priority, &self.cfg.id),
+                        p,
+                        (self.peer_priority(), &self.cfg.peer_id),
+                    ) {
+                        self.set_primary(Side::Local, "both Redis were replicas");
+                        self.issue(now, Command::Promote(Side::Local), out);
+                    } else if peer.is_none() {
+                        self.issue(now, Command::Promote(Side::Peer), out);
+                    }
+                } else if !p.link_up {
+                    // Ours is detached and the peer's is a replica of nobody reachable.
+                    self.set_primary(Side::Local, "the peer's Redis is a replica that cannot sync");
+                }
+            }
+            (Some(l), None) => {
+                if !l.master && !self.detached && self.peer_redis.refused {
+                    // The primary's process is gone: detach before it can come back empty and
+                    // wipe this copy by a full sync.
+                    self.detached = true;
+                    self.events.push("the primary Redis refused connections: replica detached".into());
+                    self.issue(now, Command::Promote(Side::Local), out);
+                }
+                let gone_for = self.peer_redis.down_for(now, self.started);
+                let confirmed = peer.is_none_or(|r| !r.redis_up);
+                if gone_for >= ft && confirmed {
+                    self.failovers += 1;
+                    self.detached = false;
+                    self.set_primary(Side::Local, "failover: the primary Redis is unreachable");
+                    if peer.is_none() {
+                        self.recording = true;
+                    }
+                    if !l.master {
+                        self.issue(now, Command::Promote(Side::Local), out);
+                    }
+                }
+            }
+            (None, _) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(master: bool, replid: &str, offset: u64) -> ReplInfo {
+        ReplInfo {
+            run_id: format!("run-{replid}"),
+            master,
+            replid: replid.into(),
+            replid2: "0".repeat(40),
+            offset,
+            second_offset: -1,
+            link_up: !master,
+            syncing: false,
+            keys: offset / 10,
+        }
+    }
+
+    #[test]
+    fn parses_info() {
+        let text = "# Server\r\nrun_id:abc\r\n# Replication\r\nrole:slave\r\nmaster_link_status:up\r\nmaster_sync_in_progress:0\r\nmaster_replid:r1\r\nmaster_replid2:r0\r\nmaster_repl_offset:1234\r\nsecond_repl_offset:100\r\n# Keyspace\r\ndb0:keys=3,expires=0,avg_ttl=0\r\ndb2:keys=4,expires=1,avg_ttl=5\r\n";
+        let i = ReplInfo::parse(text).unwrap();
+        assert!(!i.master && i.link_up && !i.syncing);
+        assert_eq!(
+            (i.replid.as_str(), i.replid2.as_str(), i.offset, i.second_offset, i.keys),
+            ("r1", "r0", 1234, 100, 7)
+        );
+        assert_eq!(i.run_id, "abc");
+        assert!(ReplInfo::parse("# Server\r\nrun_id:x\r\n").is_none());
+    }
+
+    #[test]
+    fn histories_compare() {
+        let a = info(true, "A", 1000);
+        let b = info(false, "A", 900);
+        assert_eq!(compare(&a, &b), Holds::First);
+        assert_eq!(compare(&b, &a), Holds::Second);
+        // b promoted after 900 and wrote more: it continues A's history.
+        let mut b2 = info(true, "B", 1500);
+        b2.replid2 = "A".into();
+        b2.second_offset = 901;
+        assert_eq!(compare(&b2, &b), Holds::First);
+        // a had 1000 > 900: a and b2 diverged.
+        assert_eq!(compare(&a, &b2), Holds::Diverged);
+        // A promoted replica that wrote nothing since holds exactly its old history.
+        let mut b3 = info(true, "B", 900);
+        b3.replid2 = "A".into();
+        b3.second_offset = 901;
+        assert_eq!(compare(&a, &b3), Holds::First);
+        // Restarted empty: holds nothing.
+        let empty = ReplInfo { run_id: "new".into(), master: true, replid: "C".into(), ..Default::default() };
+        assert_eq!(compare(&b, &empty), Holds::First);
+        assert!(!first_should_lead(&empty, (100, "a"), &b, (90, "b")));
+        // Equal copies: the primary, then priority.
+        assert!(first_should_lead(&info(true, "A", 5), (90, "b"), &info(false, "A", 5), (100, "a")));
+        let e1 = ReplInfo { master: true, replid: "X".into(), ..Default::default() };
+        let e2 = ReplInfo { master: true, replid: "Y".into(), ..Default::default() };
+        assert!(first_should_lead(&e1, (100, "a"), &e2, (90, "b")));
+        assert!(!first_should_lead(&e2, (90, "b"), &e1, (100, "a")));
+    }
+
+    fn cfg(id: &str, prio: u32, peer: &str, peer_prio: u32) -> NativeConfig {
+        NativeConfig {
+            id: id.into(),
+            priority: prio,
+            peer_id: peer.into(),
+            peer_priority: peer_prio,
+            failover_timeout_ms: 500,
+            lone_start: LoneStart::AfterTimeout,
+            merge_hold_ms: 2000,
+        }
+    }
+
+    #[test]
+    fn forms_on_the_higher_priority_when_both_are_empty() {
+        let mut a = NativeNode::new(cfg("a", 100, "b", 90), 0);
+        let mut b = NativeNode::new(cfg("b", 90, "a", 100), 0);
+        let ea = ReplInfo { master: true, replid: "X".into(), run_id: "ra".into(), ..Default::default() };
+        let eb = ReplInfo { master: true, replid: "Y".into(), run_id: "rb".into(), ..Default::default() };
+        a.on_local(10, Ok(ea.clone()));
+        a.on_peer_redis(10, Ok(eb.clone()));
+        b.on_local(10, Ok(eb));
+        b.on_peer_redis(10, Ok(ea));
+        assert!(a.tick(10).is_empty());
+        assert_eq!(b.tick(10), vec![Command::FollowPeer]);
+        assert_eq!(a.primary(), Some(Side::Local));
+        assert_eq!(b.primary(), Some(Side::Peer));
+        assert_eq!(a.route(10).writes, Some(Side::Local));
+        assert_eq!(b.route(10).writes, Some(Side::Peer));
+        assert!(!b.route(10).reads_local, "b's Redis does not replicate yet");
+    }
+
+    #[test]
+    fn fails_over_only_when_the_primary_redis_is_gone() {
+        let mut b = NativeNode::new(cfg("b", 90, "a", 100), 0);
+        let pa = info(true, "A", 100);
+        let lb = info(false, "A", 100);
+        b.on_local(0, Ok(lb.clone()));
+        b.on_peer_redis(0, Ok(pa.clone()));
+        b.on_peer_report(
+            0,
+            PeerReport { id: "a".into(), epoch: 1, primary: "a".into(), redis_up: true, ..Default::default() },
+        );
+        b.tick(0);
+        assert_eq!(b.primary(), Some(Side::Peer));
+        // a's sidecar dies, its Redis lives: no failover.
+        for t in (100..=3000).step_by(100) {
+            b.on_local(t, Ok(lb.clone()));
+            b.on_peer_redis(t, Ok(pa.clone()));
+            assert!(b.tick(t).is_empty());
+        }
+        assert_eq!(b.route(3000).writes, Some(Side::Peer));
+        // a's Redis is killed: detach at once, fail over after the timeout.
+        b.on_peer_redis(3100, Err(Unreachable::Refused));
+        assert_eq!(b.tick(3100), vec![Command::Promote(Side::Local)]);
+        assert_eq!(b.route(3100).writes, None);
+        let mut promoted = lb.clone();
+        promoted.master = true;
+        for t in (3200..3500).step_by(100) {
+            b.on_local(t, Ok(promoted.clone()));
+            b.on_peer_redis(t, Err(Unreachable::Refused));
+            b.tick(t);
+            assert_eq!(b.primary(), Some(Side::Peer), "not before the timeout ({t})");
+        }
+        b.on_peer_redis(3600, Err(Unreachable::Refused));
+        b.on_local(3600, Ok(promoted.clone()));
+        b.tick(3600);
+        assert_eq!(b.primary(), Some(Side::Local));
+        assert_eq!(b.route(3600).writes, Some(Side::Local));
+        assert!(b.route(3600).recording, "the peer sidecar is silent: it may be a partition");
+    }
+}

@@ -1,0 +1,826 @@
+//! Native mode's shell, on core 0: it polls both Redis (`INFO`), exchanges reports with the
+//! peer sidecar, feeds `replication::native::NativeNode`, carries out its commands
+//! (`REPLICAOF`, partition merges) and publishes the route for every core
+//! (`route::NativeRoute`) and the status text. It decides nothing itself.
+//!
+//! Peer link (`peer_listen`, RESP): `RS.NAUTH <secret> <node>` first, then
+//! - `RS.NHB <report>`: heartbeat; the reply is the receiver's report;
+//! - `RS.NMERGE`: the loser of a partition is about to copy its writes here: hold writes and
+//!   answer with the keys recorded on this side (`*2 :overflow *[db key ...]`);
+//! - `RS.NMERGED`: the merge finished; writes flow again.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use super::io::read_more;
+use super::lane::{connect_redis, roundtrip};
+use super::Core;
+use crate::config::WriteAck;
+use crate::replication::native::{
+    Command, LoneStart, NativeConfig, NativeNode, PeerReport, ReplInfo, Side, Unreachable,
+};
+use crate::resp::{self, Request, RequestParser};
+use crate::route::NativeRoute;
+
+/// Keys copied per round trip during a partition merge.
+const MERGE_BATCH: usize = 256;
+
+struct Shell {
+    core: Rc<Core>,
+    node: RefCell<NativeNode>,
+    route: Arc<NativeRoute>,
+    started: Instant,
+    local_redis: SocketAddr,
+    peer_redis: SocketAddr,
+    /// `[[peers]] redis` as configured (what `REPLICAOF` is given).
+    peer_redis_name: String,
+    peer_addr: String,
+    peer_id: String,
+    secret: String,
+    poll: Duration,
+    merged_keys: Cell<u64>,
+    conflict_keys: Cell<u64>,
+    merges_failed: Cell<u64>,
+    /// The merge task is running.
+    merging: Cell<bool>,
+    last_writes: Cell<Option<Side>>,
+}
+
+impl Shell {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn secret_ok(&self, given: &[u8]) -> bool {
+        let want = self.secret.as_bytes();
+        !want.is_empty()
+            && given.len() == want.len()
+            && want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+/// Bind the peer and admin ports and start the control loops. Core 0 only.
+pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
+    let cfg = &core.shared.cfg;
+    let peer = &cfg.peers[0];
+    let listener =
+        TcpListener::bind_with_config(cfg.node.peer_listen, &ListenerOpts::new().reuse_addr(true).backlog(128))?;
+    let route = core.shared.native.clone().ok_or_else(|| std::io::Error::other("native route missing"))?;
+    let peer_redis = core.shared.peer_redis.ok_or_else(|| std::io::Error::other("peer Redis address missing"))?;
+    let rc = &cfg.replication;
+    let node_cfg = NativeConfig {
+        id: cfg.node.id.clone(),
+        priority: cfg.node.priority,
+        peer_id: peer.id.clone(),
+        peer_priority: peer.priority.unwrap_or(0),
+        failover_timeout_ms: rc.failover_timeout_ms,
+        lone_start: match rc.lone_start {
+            crate::config::LoneStart::AfterTimeout => LoneStart::AfterTimeout,
+            crate::config::LoneStart::Never => LoneStart::Never,
+        },
+        merge_hold_ms: cfg.redis.request_timeout_ms,
+    };
+    let node = NativeNode::new(node_cfg, 0);
+    let poll = Duration::from_millis(node.poll_interval_ms());
+    let shell = Rc::new(Shell {
+        core: core.clone(),
+        node: RefCell::new(node),
+        route,
+        started: Instant::now(),
+        local_redis: cfg.redis.address,
+        peer_redis,
+        peer_redis_name: peer.redis.clone(),
+        peer_addr: peer.address.clone(),
+        peer_id: peer.id.clone(),
+        secret: rc.secret.clone(),
+        poll,
+        merged_keys: Cell::new(0),
+        conflict_keys: Cell::new(0),
+        merges_failed: Cell::new(0),
+        merging: Cell::new(false),
+        last_writes: Cell::new(None),
+    });
+    monoio::spawn(serve_peer(shell.clone(), listener));
+    match TcpListener::bind_with_config(cfg.node.admin_listen, &ListenerOpts::new().reuse_addr(true)) {
+        Ok(l) => {
+            monoio::spawn(super::replica::serve_admin(core.clone(), l));
+        }
+        Err(e) => warn!(addr = %cfg.node.admin_listen, "cannot serve the admin port: {e}"),
+    }
+    monoio::spawn(observe_loop(shell.clone(), Side::Local));
+    monoio::spawn(observe_loop(shell.clone(), Side::Peer));
+    monoio::spawn(heartbeat_loop(shell.clone()));
+    monoio::spawn(decide_loop(shell.clone()));
+    info!(
+        node = %cfg.node.id,
+        priority = cfg.node.priority,
+        peer = %peer.id,
+        peer_redis = %peer.redis,
+        "native pair: comparing both Redis's replication histories before choosing the primary"
+    );
+    Ok(())
+}
+
+// ---- observing both Redis ----------------------------------------------------------------
+
+fn classify(err: &str) -> Unreachable {
+    if err.contains("timed out") || err.contains("did not answer") {
+        Unreachable::Timeout
+    } else {
+        Unreachable::Refused
+    }
+}
+
+/// Poll one Redis's `INFO` every interval over a connection of its own.
+async fn observe_loop(shell: Rc<Shell>, side: Side) {
+    let cfg = shell.core.shared.cfg.clone();
+    let addr = match side {
+        Side::Local => shell.local_redis,
+        Side::Peer => shell.peer_redis,
+    };
+    // An answer must come well within the failover timeout to count.
+    let timeout = (cfg.replication.failover_timeout_ms / 3).max(50);
+    let mut conn: Option<TcpStream> = None;
+    let mut last_err = String::new();
+    loop {
+        if shell.core.shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if conn.is_none() {
+            let mut c = cfg.redis.clone();
+            c.connect_timeout_ms = timeout;
+            match connect_redis(&c, addr, 2, 0).await {
+                Ok(mut s) => {
+                    if side == Side::Local {
+                        // The replication history must outlive a replica's absence (the
+                        // default frees it after an hour, changing the replid).
+                        let mut setup = vec![vec![
+                            b"CONFIG".to_vec(),
+                            b"SET".to_vec(),
+                            b"repl-backlog-ttl".to_vec(),
+                            b"0".to_vec(),
+                        ]];
+                        setup.push(vec![
+                            b"CONFIG".to_vec(),
+                            b"SET".to_vec(),
+                            b"min-replicas-to-write".to_vec(),
+                            cfg.replication.min_replicas_to_write.to_string().into_bytes(),
+                        ]);
+                        if let Ok(replies) = roundtrip(&mut s, &setup, timeout).await {
+                            for r in replies.iter().filter(|r| resp::is_error(r)) {
+                                warn!("CONFIG SET on the local Redis refused: {}", String::from_utf8_lossy(r).trim());
+                            }
+                        }
+                    }
+                    conn = Some(s);
+                }
+                Err(e) => {
+                    if e != last_err {
+                        warn!(redis = %addr, "cannot reach {} Redis: {e}", side_name(side));
+                        last_err = e.clone();
+                    }
+                    record(&shell, side, Err(classify(&e)));
+                    monoio::time::sleep(shell.poll).await;
+                    continue;
+                }
+            }
+        }
+        let Some(s) = conn.as_mut() else { continue };
+        let cmd = vec![vec![b"INFO".to_vec(), b"server".to_vec(), b"replication".to_vec(), b"keyspace".to_vec()]];
+        match roundtrip(s, &cmd, timeout).await {
+            Ok(replies) => {
+                let text = replies.first().map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
+                match ReplInfo::parse(&text) {
+                    Some(info) => {
+                        if !last_err.is_empty() {
+                            info!(redis = %addr, "{} Redis answers again", side_name(side));
+                            last_err.clear();
+                        }
+                        record(&shell, side, Ok(info));
+                    }
+                    None => {
+                        let e = format!("unexpected INFO reply: {}", text.lines().next().unwrap_or(""));
+                        if e != last_err {
+                            warn!(redis = %addr, "{e}");
+                            last_err = e;
+                        }
+                        record(&shell, side, Err(Unreachable::Timeout));
+                        conn = None;
+                    }
+                }
+            }
+            Err(e) => {
+                if e != last_err {
+                    warn!(redis = %addr, "{} Redis stopped answering: {e}", side_name(side));
+                    last_err = e.clone();
+                }
+                record(&shell, side, Err(classify(&e)));
+                conn = None;
+            }
+        }
+        monoio::time::sleep(shell.poll).await;
+    }
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Local => "the local",
+        Side::Peer => "the peer's",
+    }
+}
+
+fn record(shell: &Shell, side: Side, seen: Result<ReplInfo, Unreachable>) {
+    let now = shell.now();
+    let mut node = shell.node.borrow_mut();
+    match side {
+        Side::Local => node.on_local(now, seen),
+        Side::Peer => node.on_peer_redis(now, seen),
+    }
+}
+
+// ---- the peer link ---------------------------------------------------------------------
+
+async fn connect_peer(shell: &Shell, timeout: u64) -> Result<TcpStream, String> {
+    let addr = resolve(&shell.peer_addr)?;
+    let connect = monoio::time::timeout(Duration::from_millis(timeout), TcpStream::connect_addr(addr));
+    let mut s = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    let _ = s.set_nodelay(true);
+    let id = shell.core.shared.cfg.node.id.clone();
+    let auth = vec![vec![b"RS.NAUTH".to_vec(), shell.secret.as_bytes().to_vec(), id.into_bytes()]];
+    let r = roundtrip(&mut s, &auth, timeout).await?;
+    match r.first() {
+        Some(r) if !resp::is_error(r) => Ok(s),
+        Some(r) => Err(format!("the peer refused us: {}", String::from_utf8_lossy(r).trim())),
+        None => Err("no answer to RS.NAUTH".into()),
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))
+}
+
+/// Send our report every interval; the reply is the peer's.
+async fn heartbeat_loop(shell: Rc<Shell>) {
+    let timeout = (shell.core.shared.cfg.replication.failover_timeout_ms / 3).max(50);
+    let mut conn: Option<TcpStream> = None;
+    let mut last_err = String::new();
+    loop {
+        if shell.core.shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if conn.is_none() {
+            match connect_peer(&shell, timeout).await {
+                Ok(s) => {
+                    info!(peer = %shell.peer_id, "peer link up");
+                    last_err.clear();
+                    conn = Some(s);
+                }
+                Err(e) => {
+                    if e != last_err {
+                        warn!(peer = %shell.peer_id, "peer link down: {e}");
+                        last_err = e;
+                    }
+                    monoio::time::sleep(shell.poll).await;
+                    continue;
+                }
+            }
+        }
+        let Some(s) = conn.as_mut() else { continue };
+        let report = shell.node.borrow().report().encode();
+        let cmd = vec![vec![b"RS.NHB".to_vec(), report.into_bytes()]];
+        match roundtrip(s, &cmd, timeout).await {
+            Ok(r) => {
+                if let Some(rep) = r.first().and_then(|r| bulk_text(r)).and_then(|t| PeerReport::decode(&t)) {
+                    let now = shell.now();
+                    shell.node.borrow_mut().on_peer_report(now, rep);
+                }
+            }
+            Err(e) => {
+                warn!(peer = %shell.peer_id, "peer link lost: {e}");
+                last_err = e;
+                conn = None;
+            }
+        }
+        monoio::time::sleep(shell.poll).await;
+    }
+}
+
+async fn serve_peer(shell: Rc<Shell>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(serve_peer_conn(shell.clone(), stream));
+            }
+            Err(e) => {
+                warn!("peer accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_peer_conn(shell: Rc<Shell>, mut stream: TcpStream) {
+    // Until it authenticates, a peer is held to Redis's limits for unauthenticated clients.
+    let mut parser = RequestParser::new(64 << 20);
+    parser.set_unauthenticated(true);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut authed = false;
+    loop {
+        let (res, b) = read_more(&mut stream, buf, 0).await;
+        buf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            return;
+        }
+        loop {
+            let req: Request = match parser.parse(&mut buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = stream.write_all(resp::error(&format!("ERR {e}"))).await;
+                    return;
+                }
+            };
+            let name = req.arg(0).to_ascii_uppercase();
+            let reply = if !authed {
+                if name == b"RS.NAUTH" && req.len() == 3 && shell.secret_ok(req.arg(1)) {
+                    authed = true;
+                    parser.set_unauthenticated(false);
+                    resp::simple("OK")
+                } else {
+                    warn!("refused a peer connection: wrong secret or not RS.NAUTH first");
+                    let _ = stream
+                        .write_all(resp::error("NOAUTH resplica peer link: RS.NAUTH <secret> <node> first"))
+                        .await;
+                    return;
+                }
+            } else {
+                match name.as_slice() {
+                    b"RS.NHB" if req.len() == 2 => {
+                        let text = String::from_utf8_lossy(req.arg(1)).into_owned();
+                        if let Some(rep) = PeerReport::decode(&text) {
+                            let now = shell.now();
+                            shell.node.borrow_mut().on_peer_report(now, rep);
+                        }
+                        resp::bulk(shell.node.borrow().report().encode().as_bytes())
+                    }
+                    b"RS.NMERGE" => {
+                        let now = shell.now();
+                        shell.node.borrow_mut().on_merge_requested(now);
+                        shell.publish(now);
+                        // Writes sent just before the hold get a moment to land.
+                        monoio::time::sleep(shell.poll).await;
+                        let (keys, overflow) = shell.route.snapshot_recorded();
+                        let mut out = BytesMut::new();
+                        resp::push_array_header(&mut out, 2);
+                        resp::push_int(&mut out, overflow as i64);
+                        resp::push_array_header(&mut out, keys.len() * 2);
+                        for (db, k) in &keys {
+                            resp::push_bulk(&mut out, db.to_string().as_bytes());
+                            resp::push_bulk(&mut out, k);
+                        }
+                        out.freeze()
+                    }
+                    b"RS.NMERGED" => {
+                        shell.node.borrow_mut().on_merge_finished();
+                        shell.publish(shell.now());
+                        resp::simple("OK")
+                    }
+                    _ => resp::error("ERR unknown peer request"),
+                }
+            };
+            if stream.write_all(reply).await.0.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+// ---- deciding --------------------------------------------------------------------------
+
+impl Shell {
+    /// Publish the route for every core and the status text.
+    fn publish(&self, now: u64) {
+        let node = self.node.borrow();
+        let route = node.route(now);
+        let (l, p) = node.observed();
+        let replica_linked = match route.writes {
+            Some(Side::Local) => p.is_some_and(|p| !p.master && p.link_up),
+            Some(Side::Peer) => l.is_some_and(|l| !l.master && l.link_up),
+            None => false,
+        };
+        self.route.publish(route, replica_linked);
+        if self.last_writes.get() != route.writes {
+            self.last_writes.set(route.writes);
+            match route.writes {
+                Some(Side::Local) => info!("writes go to the local Redis ({})", self.local_redis),
+                Some(Side::Peer) => info!("writes go to the peer's Redis ({})", self.peer_redis),
+                None => info!("writes held: no primary Redis now"),
+            }
+        }
+        let text = self.status_text(&node, now, route, replica_linked);
+        drop(node);
+        if let Ok(mut s) = self.core.shared.status.lock() {
+            *s = text;
+        }
+    }
+
+    fn status_text(
+        &self,
+        node: &NativeNode,
+        now: u64,
+        route: crate::replication::native::Route,
+        replica_linked: bool,
+    ) -> String {
+        use std::fmt::Write;
+        let cfg = &self.core.shared.cfg;
+        let (l, p) = node.observed();
+        let role = match node.primary() {
+            Some(Side::Local) => "primary",
+            Some(Side::Peer) => "replica",
+            None => "forming",
+        };
+        let primary = match node.primary() {
+            Some(Side::Local) => cfg.node.id.as_str(),
+            Some(Side::Peer) => self.peer_id.as_str(),
+            None => "",
+        };
+        let mut s = String::new();
+        let _ = writeln!(s, "mode:native");
+        let _ = writeln!(s, "node:{}", cfg.node.id);
+        let _ = writeln!(s, "role:{role}");
+        let _ = writeln!(s, "epoch:{}", node.epoch());
+        let _ = writeln!(s, "primary:{primary}");
+        let _ = writeln!(s, "priority:{}", cfg.node.priority);
+        let _ = writeln!(s, "write_ack:{}", if cfg.replication.write_ack == WriteAck::All { "all" } else { "local" });
+        let writes = match route.writes {
+            Some(Side::Local) => "local",
+            Some(Side::Peer) => "peer",
+            None => "held",
+        };
+        let _ = writeln!(s, "writes:{writes}");
+        let _ = writeln!(s, "reads_local:{}", route.reads_local as u8);
+        let link = if node.peer_heard_within(now, cfg.replication.failover_timeout_ms) { "up" } else { "down" };
+        let _ = writeln!(s, "peer:{} link={link}", self.peer_id);
+        let show = |name: &str, addr: SocketAddr, i: Option<&ReplInfo>| match i {
+            Some(i) => format!(
+                "redis:{name} addr={addr} state=up role={} link={} offset={} replid={} keys={}",
+                if i.master { "master" } else { "replica" },
+                if i.master {
+                    "-"
+                } else if i.syncing {
+                    "syncing"
+                } else if i.link_up {
+                    "up"
+                } else {
+                    "down"
+                },
+                i.offset,
+                i.replid,
+                i.keys
+            ),
+            None => format!("redis:{name} addr={addr} state=down"),
+        };
+        let _ = writeln!(s, "{}", show(&cfg.node.id, self.local_redis, l));
+        let _ = writeln!(s, "{}", show(&self.peer_id, self.peer_redis, p));
+        let (primary_info, replica_info) = match node.primary() {
+            Some(Side::Local) => (l, p),
+            Some(Side::Peer) => (p, l),
+            None => (None, None),
+        };
+        let lag = match (primary_info, replica_info) {
+            (Some(a), Some(b)) if !b.master => a.offset.saturating_sub(b.offset).to_string(),
+            _ => "-".into(),
+        };
+        let _ = writeln!(s, "replica_link:{}", if replica_linked { "up" } else { "down" });
+        let _ = writeln!(s, "replica_lag_bytes:{lag}");
+        let (recorded, overflow) = self.route.recorded_count();
+        let _ = writeln!(s, "recording:{}", route.recording as u8);
+        let _ = writeln!(s, "recorded_keys:{recorded}{}", if overflow { " overflow=1" } else { "" });
+        let _ = writeln!(
+            s,
+            "acks_on_primary_alone:{}",
+            self.route.acks_on_primary_alone.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "unconfirmed_writes:{}",
+            self.route.unconfirmed_writes.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        let _ = writeln!(s, "failovers:{}", node.failovers());
+        let _ = writeln!(s, "merged_keys:{}", self.merged_keys.get());
+        let _ = writeln!(s, "conflict_keys:{}", self.conflict_keys.get());
+        let _ = writeln!(s, "merges_failed:{}", self.merges_failed.get());
+        s
+    }
+}
+
+async fn decide_loop(shell: Rc<Shell>) {
+    loop {
+        let now = shell.now();
+        let cmds = shell.node.borrow_mut().tick(now);
+        for e in shell.node.borrow_mut().take_events() {
+            info!("{e}");
+        }
+        for c in cmds {
+            execute(&shell, c);
+        }
+        shell.publish(now);
+        if shell.core.shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        monoio::time::sleep(shell.poll / 2).await;
+    }
+}
+
+fn execute(shell: &Rc<Shell>, cmd: Command) {
+    match cmd {
+        Command::ClearRecorded => shell.route.clear_recorded(),
+        Command::Promote(side) => {
+            let addr = if side == Side::Local { shell.local_redis } else { shell.peer_redis };
+            let shell = shell.clone();
+            monoio::spawn(async move {
+                let cmd = vec![vec![b"REPLICAOF".to_vec(), b"NO".to_vec(), b"ONE".to_vec()]];
+                match run_on(&shell, addr, &cmd).await {
+                    Ok(_) => info!(redis = %addr, "REPLICAOF NO ONE: {} Redis is a primary", side_name(side)),
+                    Err(e) => warn!(redis = %addr, "REPLICAOF NO ONE failed: {e}"),
+                }
+            });
+        }
+        Command::FollowPeer => {
+            let shell = shell.clone();
+            monoio::spawn(async move {
+                if let Err(e) = follow_peer(&shell).await {
+                    warn!("REPLICAOF {} failed: {e}", shell.peer_redis_name);
+                }
+            });
+        }
+        Command::Merge => {
+            if shell.merging.replace(true) {
+                return;
+            }
+            let shell = shell.clone();
+            monoio::spawn(async move {
+                let ok = match merge(&shell).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!("partition merge failed: {e}");
+                        shell.merges_failed.set(shell.merges_failed.get() + 1);
+                        false
+                    }
+                };
+                let now = shell.now();
+                shell.node.borrow_mut().merge_done(now, ok);
+                shell.merging.set(false);
+            });
+        }
+    }
+}
+
+async fn follow_peer(shell: &Shell) -> Result<(), String> {
+    let (host, port) =
+        shell.peer_redis_name.rsplit_once(':').ok_or_else(|| format!("{} is not host:port", shell.peer_redis_name))?;
+    let cmd = vec![vec![b"REPLICAOF".to_vec(), host.as_bytes().to_vec(), port.as_bytes().to_vec()]];
+    run_on(shell, shell.local_redis, &cmd).await?;
+    info!("REPLICAOF {}: the local Redis replicates the peer's", shell.peer_redis_name);
+    Ok(())
+}
+
+/// Run commands on a Redis over a fresh connection; an error reply is an error.
+async fn run_on(shell: &Shell, addr: SocketAddr, cmds: &[Vec<Vec<u8>>]) -> Result<Vec<Bytes>, String> {
+    let cfg = &shell.core.shared.cfg.redis;
+    let mut s = connect_redis(cfg, addr, 2, 0).await?;
+    let replies = roundtrip(&mut s, cmds, cfg.request_timeout_ms).await?;
+    if let Some(e) = replies.iter().find(|r| resp::is_error(r)) {
+        return Err(String::from_utf8_lossy(e).trim().to_string());
+    }
+    Ok(replies)
+}
+
+// ---- partition merge --------------------------------------------------------------------
+
+/// This side lost a partition: copy the keys its clients wrote while cut off into the peer's
+/// Redis (those the peer's clients did not write too: there the winner's value stays), then
+/// make the local Redis replicate the peer's.
+async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
+    let timeout = shell.core.shared.cfg.redis.request_timeout_ms;
+    let mut link = connect_peer(shell, timeout).await?;
+    let reply = roundtrip(&mut link, &[vec![b"RS.NMERGE".to_vec()]], timeout).await?;
+    let (their_overflow, theirs) = parse_merge_reply(reply.first().map(|b| &b[..]).unwrap_or(b""))
+        .ok_or_else(|| "the peer's RS.NMERGE answer is malformed".to_string())?;
+    // Our own writes sent just before the hold get a moment to land.
+    monoio::time::sleep(shell.poll).await;
+    let (mut mine, overflow) = shell.route.snapshot_recorded();
+    if overflow {
+        mine = all_keys(shell).await?;
+        warn!(keys = mine.len(), "recorded keys overflowed: merging every key of the local Redis");
+    }
+    if their_overflow {
+        warn!("the peer lost track of its partition writes: ours win every conflict");
+    }
+    let theirs: HashSet<(u32, Bytes)> = theirs.into_iter().collect();
+    let mut copy = Vec::new();
+    let mut conflicts = 0u64;
+    for k in mine {
+        if !their_overflow && theirs.contains(&k) {
+            conflicts += 1;
+        } else {
+            copy.push(k);
+        }
+    }
+    let cfg = &shell.core.shared.cfg.redis;
+    let mut src = connect_redis(cfg, shell.local_redis, 2, 0).await?;
+    let mut dst = connect_redis(cfg, shell.peer_redis, 2, 0).await?;
+    for chunk in copy.chunks(MERGE_BATCH) {
+        let mut reads = Vec::with_capacity(chunk.len() * 3);
+        for (db, k) in chunk {
+            reads.push(vec![b"SELECT".to_vec(), db.to_string().into_bytes()]);
+            reads.push(vec![b"DUMP".to_vec(), k.to_vec()]);
+            reads.push(vec![b"PEXPIRETIME".to_vec(), k.to_vec()]);
+        }
+        let got = roundtrip(&mut src, &reads, timeout).await?;
+        let mut writes = Vec::with_capacity(chunk.len() * 2);
+        for (i, (db, k)) in chunk.iter().enumerate() {
+            let dump = bulk_bytes(&got[i * 3 + 1]);
+            let at = resp::integer_reply(&got[i * 3 + 2]).unwrap_or(-2);
+            writes.push(vec![b"SELECT".to_vec(), db.to_string().into_bytes()]);
+            match dump {
+                Some(d) if at != -2 => {
+                    let mut cmd = vec![b"RESTORE".to_vec(), k.to_vec()];
+                    if at > 0 {
+                        cmd.push(at.to_string().into_bytes());
+                        cmd.push(d.to_vec());
+                        cmd.push(b"REPLACE".to_vec());
+                        cmd.push(b"ABSTTL".to_vec());
+                    } else {
+                        cmd.push(b"0".to_vec());
+                        cmd.push(d.to_vec());
+                        cmd.push(b"REPLACE".to_vec());
+                    }
+                    writes.push(cmd);
+                }
+                _ => writes.push(vec![b"DEL".to_vec(), k.to_vec()]),
+            }
+        }
+        let res = roundtrip(&mut dst, &writes, timeout).await?;
+        if let Some(e) = res.iter().find(|r| resp::is_error(r)) {
+            return Err(format!("copying into the peer's Redis: {}", String::from_utf8_lossy(e).trim()));
+        }
+    }
+    follow_peer(shell).await?;
+    shell.merged_keys.set(shell.merged_keys.get() + copy.len() as u64);
+    shell.conflict_keys.set(shell.conflict_keys.get() + conflicts);
+    shell.route.clear_recorded();
+    info!(
+        merged = copy.len(),
+        conflicts,
+        "partition merge: this side's writes copied into {}'s Redis (conflicting keys keep its value)",
+        shell.peer_id
+    );
+    let _ = roundtrip(&mut link, &[vec![b"RS.NMERGED".to_vec()]], timeout).await;
+    Ok(())
+}
+
+/// Every key of every database of the local Redis (a merge whose recorded set overflowed).
+async fn all_keys(shell: &Shell) -> Result<Vec<(u32, Bytes)>, String> {
+    let cfg = &shell.core.shared.cfg.redis;
+    let timeout = cfg.request_timeout_ms;
+    let mut s = connect_redis(cfg, shell.local_redis, 2, 0).await?;
+    let info = roundtrip(&mut s, &[vec![b"INFO".to_vec(), b"keyspace".to_vec()]], timeout).await?;
+    let text = info.first().map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
+    let dbs: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("db").and_then(|r| r.split(':').next()).and_then(|n| n.parse().ok()))
+        .collect();
+    let mut out = Vec::new();
+    for db in dbs {
+        roundtrip(&mut s, &[vec![b"SELECT".to_vec(), db.to_string().into_bytes()]], timeout).await?;
+        let mut cursor = b"0".to_vec();
+        loop {
+            let r = roundtrip(
+                &mut s,
+                &[vec![b"SCAN".to_vec(), cursor.clone(), b"COUNT".to_vec(), b"1000".to_vec()]],
+                timeout,
+            )
+            .await?;
+            let (next, keys) = parse_scan(r.first().map(|b| &b[..]).unwrap_or(b"")).ok_or("bad SCAN reply")?;
+            out.extend(keys.into_iter().map(|k| (db, k)));
+            if next == b"0" {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(out)
+}
+
+// ---- reply decoding ----------------------------------------------------------------------
+
+/// `$n\r\n<bytes>\r\n` → the bytes; `None` for a null or anything else.
+fn bulk_bytes(reply: &[u8]) -> Option<&[u8]> {
+    let (v, _) = take_bulk(reply)?;
+    v
+}
+
+fn bulk_text(reply: &[u8]) -> Option<String> {
+    bulk_bytes(reply).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// One bulk string at the start of `buf`: (its bytes or None for a null, the rest).
+fn take_bulk(buf: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    let rest = buf.strip_prefix(b"$")?;
+    let eol = memchr::memchr(b'\r', rest)?;
+    let n = resp::parse_int(&rest[..eol])?;
+    let body = rest.get(eol + 2..)?;
+    if n < 0 {
+        return Some((None, body));
+    }
+    let n = n as usize;
+    let v = body.get(..n)?;
+    let after = body.get(n + 2..)?;
+    Some((Some(v), after))
+}
+
+fn take_header<'a>(buf: &'a [u8], mark: u8) -> Option<(i64, &'a [u8])> {
+    let rest = buf.strip_prefix(&[mark])?;
+    let eol = memchr::memchr(b'\r', rest)?;
+    let n = resp::parse_int(&rest[..eol])?;
+    Some((n, rest.get(eol + 2..)?))
+}
+
+/// `*2 :overflow *[db key ...]`.
+fn parse_merge_reply(buf: &[u8]) -> Option<(bool, Vec<(u32, Bytes)>)> {
+    let (n, rest) = take_header(buf, b'*')?;
+    if n != 2 {
+        return None;
+    }
+    let (overflow, rest) = take_header(rest, b':')?;
+    let (count, mut rest) = take_header(rest, b'*')?;
+    let mut keys = Vec::with_capacity(count.max(0) as usize / 2);
+    for _ in 0..count.max(0) / 2 {
+        let (db, r) = take_bulk(rest)?;
+        let (key, r) = take_bulk(r)?;
+        let db: u32 = std::str::from_utf8(db?).ok()?.parse().ok()?;
+        keys.push((db, Bytes::copy_from_slice(key?)));
+        rest = r;
+    }
+    Some((overflow != 0, keys))
+}
+
+/// `*2 $cursor *[key ...]`.
+fn parse_scan(buf: &[u8]) -> Option<(Vec<u8>, Vec<Bytes>)> {
+    let (n, rest) = take_header(buf, b'*')?;
+    if n != 2 {
+        return None;
+    }
+    let (cursor, rest) = take_bulk(rest)?;
+    let (count, mut rest) = take_header(rest, b'*')?;
+    let mut keys = Vec::new();
+    for _ in 0..count.max(0) {
+        let (k, r) = take_bulk(rest)?;
+        keys.push(Bytes::copy_from_slice(k?));
+        rest = r;
+    }
+    Some((cursor?.to_vec(), keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_merge_and_scan_replies() {
+        let mut out = BytesMut::new();
+        resp::push_array_header(&mut out, 2);
+        resp::push_int(&mut out, 1);
+        resp::push_array_header(&mut out, 4);
+        for x in [b"0".as_slice(), b"k1", b"3", b"k\r\n2"] {
+            resp::push_bulk(&mut out, x);
+        }
+        let (overflow, keys) = parse_merge_reply(&out).unwrap();
+        assert!(overflow);
+        assert_eq!(keys, vec![(0, Bytes::from_static(b"k1")), (3, Bytes::from_static(b"k\r\n2"))]);
+        assert!(parse_merge_reply(b"*2\r\n:0\r\n*2\r\n$1\r\nx\r\n$1\r\nk\r\n").is_none(), "db must be a number");
+        let scan = b"*2\r\n$2\r\n17\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n";
+        let (cursor, keys) = parse_scan(scan).unwrap();
+        assert_eq!((cursor.as_slice(), keys.len()), (b"17".as_slice(), 2));
+        assert_eq!(bulk_bytes(b"$-1\r\n"), None);
+        assert_eq!(bulk_bytes(b"$3\r\nabc\r\n"), Some(b"abc".as_slice()));
+    }
+}

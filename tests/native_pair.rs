@@ -1,0 +1,161 @@
+//! Native mode (DESIGN.md N1–N7): two real redis-server processes on Redis's own replication,
+//! steered by two real resplica sidecars. Every test counts the writes it got acknowledged and
+//! ends by comparing both Redis.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::pair::{parse_status, Pair, PairOpts, Status};
+use common::wait_until;
+use redis::Commands;
+
+const FORM_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn native(write_ack: &'static str) -> PairOpts {
+    PairOpts { mode: "native", write_ack, ..PairOpts::default() }
+}
+
+fn status_of(port: u16) -> Option<Status> {
+    let mut c = common::pair::conn_with_timeout(port, Duration::from_secs(2)).ok()?;
+    let text: String = redis::cmd("RESPLICA").arg("STATUS").query(&mut c).ok()?;
+    Some(parse_status(&text))
+}
+
+/// Wait until `primary`'s sidecar is primary, the other's is its replica with the link up,
+/// and both say so.
+fn wait_formed(pair: &Pair, primary: &str, timeout: Duration) {
+    let ok = wait_until(timeout, || {
+        let (Some(a), Some(b)) = (status_of(pair.a.port), status_of(pair.b.port)) else { return false };
+        a.get("primary") == primary
+            && b.get("primary") == primary
+            && a.get("replica_link") == "up"
+            && b.get("replica_link") == "up"
+    });
+    if !ok {
+        panic!(
+            "pair did not form with {primary} primary within {timeout:?}\na: {:?}\nb: {:?}",
+            status_of(pair.a.port).map(|s| s.raw),
+            status_of(pair.b.port).map(|s| s.raw)
+        );
+    }
+}
+
+fn role_of(conn: &mut redis::Connection) -> String {
+    let info: String = redis::cmd("INFO").arg("replication").query(conn).unwrap_or_default();
+    info.lines().find_map(|l| l.strip_prefix("role:")).unwrap_or("").trim().to_string()
+}
+
+/// Both Redis hold the same keys and values (strings and counters), once replication caught up.
+fn wait_equal(pair: &Pair, timeout: Duration) {
+    let mut last = String::new();
+    let ok = wait_until(timeout, || {
+        let (mut ra, mut rb) = (pair.a.redis.conn(), pair.b.redis.conn());
+        let dump = |c: &mut redis::Connection| -> Vec<(String, Option<String>)> {
+            let mut keys: Vec<String> = c.keys("*").unwrap_or_default();
+            keys.sort();
+            keys.into_iter()
+                .map(|k| {
+                    let v: Option<String> = c.get(&k).unwrap_or(None);
+                    (k, v)
+                })
+                .collect()
+        };
+        let (da, db) = (dump(&mut ra), dump(&mut rb));
+        last = format!("a has {} keys, b has {}", da.len(), db.len());
+        da == db
+    });
+    assert!(ok, "the two Redis differ: {last}");
+}
+
+#[test]
+fn forms_on_the_higher_priority_and_replicates_both_ways() {
+    let pair = Pair::start_unsynced(native("all"));
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    assert_eq!(role_of(&mut pair.a.redis.conn()), "master");
+    assert_eq!(role_of(&mut pair.b.redis.conn()), "slave");
+    let mut ca = pair.a.conn();
+    let mut cb = pair.b.conn();
+    for i in 0..200 {
+        let _: () = ca.set(format!("a:{i}"), i).unwrap();
+        let _: () = cb.set(format!("b:{i}"), i).unwrap();
+        // Read-your-writes through the replica's sidecar.
+        let v: i64 = cb.get(format!("b:{i}")).unwrap();
+        assert_eq!(v, i);
+        let v: i64 = cb.get(format!("a:{i}")).unwrap();
+        assert_eq!(v, i, "write_ack=all: a's acknowledged write is on b's Redis");
+    }
+    // The replica's Redis refuses writes sent to it directly (fencing for free).
+    let r: redis::RedisResult<()> = pair.b.redis.conn().set("x", 1);
+    let e = r.expect_err("a replica accepted a write");
+    assert_eq!(e.kind(), redis::ErrorKind::ReadOnly, "{e}");
+    wait_equal(&pair, Duration::from_secs(10));
+    let st = status_of(pair.b.port).unwrap();
+    assert_eq!(st.get("mode"), "native");
+    assert_eq!(st.get("role"), "replica");
+}
+
+#[test]
+fn primary_redis_killed_fails_over_and_returns_as_replica_without_wiping() {
+    let mut pair = Pair::start_unsynced(native("all"));
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    let mut cb = pair.b.conn();
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        let _: () = cb.set(format!("k{i}"), i).unwrap();
+        acked.push(i);
+    }
+    pair.a.redis.kill();
+    let killed = Instant::now();
+    // Writes through b succeed again after the failover.
+    let mut first_ok = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 300;
+    while Instant::now() < deadline && acked.len() < 600 {
+        let mut c = match pair.b.try_conn(Duration::from_secs(6)) {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        match c.set::<_, _, ()>(format!("k{i}"), i) {
+            Ok(()) => {
+                first_ok.get_or_insert_with(|| killed.elapsed());
+                acked.push(i);
+                i += 1;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let took = first_ok.expect("no write accepted after the primary Redis died");
+    eprintln!("failover: first write accepted {took:?} after kill -9 of the primary Redis");
+    // Redis a comes back empty (no persistence): it must become b's replica, not wipe b.
+    pair.a.redis.restart();
+    wait_formed(&pair, "b", FORM_TIMEOUT);
+    wait_equal(&pair, Duration::from_secs(15));
+    let mut ra = pair.a.redis.conn();
+    for &i in &acked {
+        let v: Option<i64> = ra.get(format!("k{i}")).unwrap();
+        assert_eq!(v, Some(i), "acknowledged write k{i} lost");
+    }
+}
+
+#[test]
+fn dead_primary_sidecar_is_not_a_failover_and_rolling_restart_keeps_writes() {
+    let mut pair = Pair::start_unsynced(native("all"));
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    pair.a.kill_proxy();
+    let mut cb = pair.b.conn();
+    for i in 0..2000 {
+        let _: () = cb.set(format!("r{i}"), i).unwrap();
+    }
+    let st = status_of(pair.b.port).unwrap();
+    assert_eq!(st.get("primary"), "a", "a dead sidecar is not a failover: {}", st.raw);
+    pair.b.kill_proxy();
+    pair.a.start_proxy();
+    pair.b.start_proxy();
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    wait_equal(&pair, Duration::from_secs(15));
+    let n: usize = pair.b.redis.conn().keys::<_, Vec<String>>("r*").unwrap().len();
+    assert_eq!(n, 2000);
+    let n: usize = pair.a.redis.conn().keys::<_, Vec<String>>("r*").unwrap().len();
+    assert_eq!(n, 2000);
+}
