@@ -81,7 +81,9 @@ pub struct Forward {
     /// Redis runs it even while a script is busy (MULTI, WATCH, ...): a SELECT sent in front
     /// of it could fail (BUSY) while it succeeds, leaving it in the wrong database.
     pub allow_busy: bool,
-    /// It may change data (native mode, `write_ack = "all"`: its batch ends with WAIT).
+    /// It may change data (native mode, `write_ack = "all"`: its batch ends with WAIT). On
+    /// the dedicated connection: its reply waits for the replica (EXEC of a block that wrote,
+    /// a write outside MULTI), never set for a command Redis only queues.
     pub write: bool,
 }
 
@@ -310,6 +312,8 @@ pub struct Session {
     pair_watching: bool,
     /// Native mode: this client's reads go to the primary (it wrote with `write_ack = "local"`).
     read_at_primary: bool,
+    /// Inside MULTI on the dedicated connection: a queued command writes.
+    multi_wrote: bool,
 }
 
 /// Commands sent and not yet answered, by lane and by slot.
@@ -412,6 +416,7 @@ impl Session {
             queued_db: None,
             pair_watching: false,
             read_at_primary: false,
+            multi_wrote: false,
         }
     }
 
@@ -445,7 +450,7 @@ impl Session {
         if let (Some(n), Action::Forward(f)) = (&env.native, &action) {
             // Native mode, possibly cut off from the other side: remember what this side's
             // clients write to this side's Redis, for the partition merge (N6).
-            if f.write && f.lane != Lane::PeerShared && n.recording() {
+            if n.recording() && f.lane != Lane::PeerShared && command::is_write(command::lookup(req)) {
                 n.record_request(f.db, req);
             }
         }
@@ -760,7 +765,29 @@ impl Session {
             _ => {}
         }
         let blocking = is_blocking(name, req, def.map(|d| d.flags).unwrap_or(0)) && !self.in_multi;
-        self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Counted { blocking }, def)
+        // What waits for the replica (native, write_ack = "all"): EXEC of a block that wrote,
+        // and writes outside MULTI; never a command Redis only queues.
+        let acked = match name {
+            b"multi" => {
+                self.multi_wrote = false;
+                false
+            }
+            b"exec" => std::mem::take(&mut self.multi_wrote),
+            b"discard" => {
+                self.multi_wrote = false;
+                false
+            }
+            _ if self.in_multi => {
+                self.multi_wrote |= command::is_write(def);
+                false
+            }
+            _ => command::is_write(def),
+        };
+        let mut action = self.forward(req, Lane::Dedicated, Scope::All, DedicatedUse::Counted { blocking }, def);
+        if let Action::Forward(f) = &mut action {
+            f.write = acked;
+        }
+        action
     }
 
     /// Pair mode: MULTI is queued here and sent to the writer as one block at EXEC; WATCH

@@ -737,6 +737,18 @@ impl NativeNode {
                             self.failovers += 1;
                             self.set_primary(Side::Local, "the peer's Redis holds less than ours");
                         }
+                        Holds::Diverged if self.merge == Merge::Idle => {
+                            // Ours took writes the primary lacks (it was paused or cut off while
+                            // the peer's was promoted): merge them like a partition's (N6)
+                            // instead of letting a full sync drop them.
+                            self.detached = false;
+                            self.merge = Merge::Running(now);
+                            self.events.push(format!(
+                                "the local Redis holds writes {}'s lacks: merging them into it before following",
+                                self.cfg.peer_id
+                            ));
+                            self.issue(now, Command::Merge, out);
+                        }
                         _ => {
                             self.detached = false;
                             self.issue(now, Command::FollowPeer, out);

@@ -322,6 +322,10 @@ enum Owed {
     Setup,
     /// The reply to the client's request `seq`; blocking ones may legitimately take long.
     Reply { seq: u64, blocking: bool },
+    /// Native, `write_ack = "all"`: the reply to `seq`, held until the `WAIT` after it answers.
+    Acked { seq: u64, blocking: bool },
+    /// That `WAIT`; `peer`: the connection goes to the peer's Redis.
+    Wait { peer: bool },
 }
 
 /// State shared between the client's reader (which writes requests), the dedicated
@@ -342,6 +346,8 @@ struct Dedicated {
     link: Rc<DedicatedLink>,
     db: u32,
     proto: u8,
+    /// Native mode: it goes to the peer's Redis.
+    peer: bool,
 }
 
 async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
@@ -530,7 +536,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 let warm = if usable && local { core.warm.borrow_mut().pop() } else { None };
                 if let Some(w) = warm {
                     core.warm_refill.notify();
-                    *dedicated = Some(adopt_dedicated(client, w, 0, 2));
+                    *dedicated = Some(adopt_dedicated(client, w, 0, 2, false));
                 }
             }
             if dedicated.is_none() {
@@ -565,17 +571,36 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 d.link.owed.borrow_mut().push_back(Owed::Setup);
                 d.proto = proto;
             }
+            // Native, write_ack = "all": the reply waits for the replica, like a lane's batch.
+            let acked = f.write && f.dedicated != DedicatedUse::Raw;
+            let wait = match (&core.shared.native, &core.native_wait) {
+                (Some(route), Some(w)) if acked && route.replica_linked() => Some(w.clone()),
+                (Some(route), Some(_)) if acked => {
+                    route.acks_on_primary_alone.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                _ => None,
+            };
             if f.dedicated == DedicatedUse::Raw {
                 // Replies flow straight through; nothing to match.
             } else {
                 let seq = client.push_pending(Some(f.tag), f.discard);
                 let blocking = matches!(f.dedicated, DedicatedUse::Counted { blocking: true });
-                d.link.owed.borrow_mut().push_back(Owed::Reply { seq, blocking });
+                let mut owed = d.link.owed.borrow_mut();
+                if wait.is_some() {
+                    owed.push_back(Owed::Acked { seq, blocking });
+                    owed.push_back(Owed::Wait { peer: d.peer });
+                } else {
+                    owed.push_back(Owed::Reply { seq, blocking });
+                }
             }
-            let res = if frames.is_empty() {
+            let res = if frames.is_empty() && wait.is_none() {
                 d.wr.write_all(f.frame).await.0
             } else {
                 frames.extend_from_slice(&f.frame);
+                if let Some(w) = &wait {
+                    frames.extend_from_slice(w);
+                }
                 d.wr.write_all(frames.freeze()).await.0
             };
             if res.is_err() {
@@ -604,8 +629,10 @@ fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, frame: bytes::
 }
 
 async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedicated, String> {
-    let conn = connect_spare(&client.core, client.core.dedicated_target(), proto, db).await?;
-    Ok(adopt_dedicated(client, conn, db, proto))
+    let target = client.core.dedicated_target();
+    let conn = connect_spare(&client.core, target, proto, db).await?;
+    let peer = target != client.core.shared.cfg.redis.address;
+    Ok(adopt_dedicated(client, conn, db, proto, peer))
 }
 
 /// Connect and authenticate a connection for some client's exclusive use, and learn Redis's
@@ -627,7 +654,7 @@ pub(crate) struct WarmConn {
 }
 
 /// Make `conn` the client's dedicated connection: start its reader and stall watch.
-fn adopt_dedicated(client: &Rc<Client>, conn: WarmConn, db: u32, proto: u8) -> Dedicated {
+fn adopt_dedicated(client: &Rc<Client>, conn: WarmConn, db: u32, proto: u8, peer: bool) -> Dedicated {
     client.core.shared.upstream_ids.set(client.id, conn.upstream_id);
     let (rd, wr) = conn.stream.into_split();
     let link = Rc::new(DedicatedLink {
@@ -640,7 +667,7 @@ fn adopt_dedicated(client: &Rc<Client>, conn: WarmConn, db: u32, proto: u8) -> D
     monoio::spawn(dedicated_reader(client.clone(), rd, link.clone()));
     let limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     monoio::spawn(dedicated_stall_watch(link.clone(), limit));
-    Dedicated { wr, link, db, proto }
+    Dedicated { wr, link, db, proto, peer }
 }
 
 /// Spare dedicated connections kept per core.
@@ -679,7 +706,15 @@ async fn dedicated_stall_watch(link: Rc<DedicatedLink>, limit: std::time::Durati
     let mut clock = StallClock::default();
     while link.alive.get() {
         monoio::time::sleep(tick).await;
-        let waiting = matches!(link.owed.borrow().front(), Some(Owed::Setup | Owed::Reply { blocking: false, .. }));
+        let waiting = matches!(
+            link.owed.borrow().front(),
+            Some(
+                Owed::Setup
+                    | Owed::Wait { .. }
+                    | Owed::Reply { blocking: false, .. }
+                    | Owed::Acked { blocking: false, .. }
+            )
+        );
         if clock.stalled(waiting, link.replies_seen.get(), std::time::Instant::now(), limit, tick) {
             link.stalled.notify();
             return;
@@ -687,8 +722,29 @@ async fn dedicated_stall_watch(link: Rc<DedicatedLink>, limit: std::time::Durati
     }
 }
 
+/// Native, `write_ack = "all"`: the reply a client gets for a write whose `WAIT` answered.
+/// Unconfirmed on the local Redis: acknowledged (its keys are unknown here, so a partition
+/// merge must copy every key); on the peer's: an error, since it may be lost.
+fn ack_outcome(core: &Core, confirmed: bool, peer: bool, reply: bytes::Bytes) -> bytes::Bytes {
+    if confirmed || resp::is_error(&reply) {
+        return reply;
+    }
+    let Some(route) = &core.shared.native else { return reply };
+    route.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
+    if peer {
+        resp::error(
+            "ERR resplica: the write reached the primary but its replica did not confirm it in time; it may be lost if the primary fails",
+        )
+    } else {
+        route.record(0, None::<std::iter::Empty<&[u8]>>);
+        reply
+    }
+}
+
 async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, link: Rc<DedicatedLink>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
+    // Replies waiting for the WAIT behind them.
+    let mut held: VecDeque<(u64, bytes::Bytes)> = VecDeque::new();
     let mut skim = ReplySkimmer::new();
     let reason = 'read: loop {
         let hint = skim.bytes_hint(buf.len());
@@ -714,6 +770,13 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
                     let next = link.owed.borrow_mut().pop_front();
                     match next {
                         Some(Owed::Reply { seq, .. }) => client.fill(seq, reply),
+                        Some(Owed::Acked { seq, .. }) => held.push_back((seq, reply)),
+                        Some(Owed::Wait { peer }) => {
+                            let confirmed = resp::integer_reply(&reply).is_some_and(|n| n >= 1);
+                            if let Some((seq, r)) = held.pop_front() {
+                                client.fill(seq, ack_outcome(&client.core, confirmed, peer, r));
+                            }
+                        }
                         Some(Owed::Setup) => {
                             if resp::is_error(&reply) {
                                 warn!(
@@ -749,9 +812,10 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
         .borrow_mut()
         .drain(..)
         .filter_map(|o| match o {
-            Owed::Reply { seq, .. } => Some(seq),
-            Owed::Setup => None,
+            Owed::Reply { seq, .. } | Owed::Acked { seq, .. } => Some(seq),
+            Owed::Setup | Owed::Wait { .. } => None,
         })
+        .chain(held.drain(..).map(|(seq, _)| seq))
         .collect();
     if !pending.is_empty() || was_raw {
         debug!(client = client.id, "dedicated connection ended: {reason}");

@@ -98,6 +98,8 @@ pub(crate) struct Core {
     pub lanes: [Rc<lane::Lane>; 2],
     /// Native mode: shared connections to the peer's Redis (RESP2, RESP3).
     pub peer_lanes: Option<[Rc<lane::Lane>; 2]>,
+    /// Native mode with `write_ack = "all"`: the `WAIT 1 <ack_timeout_ms>` frame.
+    pub native_wait: Option<Bytes>,
     pub clients: RefCell<HashMap<u64, Weak<client::Client>>>,
     pub shutdown: Signal,
     /// Connected, authenticated RESP2 connections in database 0, ready to become a client's
@@ -378,6 +380,7 @@ async fn core_main(
             lane::Lane::new(weak.clone(), 2, cfg.redis.address, lane_native(Side::Local)),
             lane::Lane::new(weak.clone(), 3, cfg.redis.address, lane_native(Side::Local)),
         ],
+        native_wait: if shared.native.is_some() { wait.clone() } else { None },
         peer_lanes: shared.peer_redis.map(|peer| {
             [
                 lane::Lane::new(weak.clone(), 2, peer, lane_native(Side::Peer)),
