@@ -333,8 +333,16 @@ impl Config {
         if self.replication.min_replicas_to_write > 1 {
             return bad("replication.min_replicas_to_write", "must be 0 or 1 (a pair has one replica)".into());
         }
-        if self.replication.ack_timeout_ms == 0 {
-            return bad("replication.ack_timeout_ms", "must be greater than 0".into());
+        if self.replication.ack_timeout_ms == 0
+            || (self.native() && self.replication.ack_timeout_ms >= self.redis.request_timeout_ms)
+        {
+            return bad(
+                "replication.ack_timeout_ms",
+                format!(
+                    "must be greater than 0 and below [redis] request_timeout_ms ({})",
+                    self.redis.request_timeout_ms
+                ),
+            );
         }
         if self.native() && self.peers.len() > 1 {
             return bad("peers", "native mode runs pairs: exactly one [[peers]] entry".into());

@@ -223,20 +223,23 @@ pub struct PeerReport {
     pub merging: bool,
     /// The sender's priority.
     pub priority: u32,
+    /// Two primaries met and the sender decided: the node whose Redis stays primary.
+    pub winner: String,
 }
 
 impl PeerReport {
     /// `key:value` lines.
     pub fn encode(&self) -> String {
         format!(
-            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\n",
+            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\n",
             self.id,
             self.epoch,
             self.primary,
             self.redis_up as u8,
             self.recording as u8,
             self.merging as u8,
-            self.priority
+            self.priority,
+            self.winner
         )
     }
 
@@ -253,6 +256,7 @@ impl PeerReport {
                 "recording" => r.recording = v == "1",
                 "merging" => r.merging = v == "1",
                 "priority" => r.priority = v.parse().ok()?,
+                "winner" => r.winner = v.to_string(),
                 _ => {}
             }
         }
@@ -336,6 +340,11 @@ pub struct NativeNode {
     detached: bool,
     recording: bool,
     merge: Merge,
+    /// Two primaries met: the side whose Redis stays primary (decided by the higher
+    /// priority, announced in its report).
+    conflict_winner: Option<Side>,
+    /// The peer's Redis was a linked replica of ours at the last tick.
+    peer_was_linked: bool,
     /// The last command and when it was issued (not repeated until it could have taken effect).
     last_cmd: Option<(Command, u64)>,
     events: Vec<String>,
@@ -356,6 +365,8 @@ impl NativeNode {
             detached: false,
             recording: false,
             merge: Merge::Idle,
+            conflict_winner: None,
+            peer_was_linked: false,
             last_cmd: None,
             events: Vec::new(),
             failovers: 0,
@@ -430,6 +441,11 @@ impl NativeNode {
             recording: self.recording,
             merging: matches!(self.merge, Merge::Running(_)),
             priority: self.cfg.priority,
+            winner: match self.conflict_winner {
+                Some(Side::Local) => self.cfg.id.clone(),
+                Some(Side::Peer) => self.cfg.peer_id.clone(),
+                None => String::new(),
+            },
         }
     }
 
@@ -496,7 +512,10 @@ impl NativeNode {
             (Some(Side::Peer), Some(l)) => !l.master && l.link_up && !l.syncing,
             _ => false,
         };
-        Route { writes, reads_local, recording: self.recording && writes == Some(Side::Local) }
+        // Record while the peer's Redis is not a linked replica of ours: what it lacks then
+        // may have to be merged into it later (if it takes over meanwhile).
+        let peer_linked = p.is_some_and(|p| !p.master && p.link_up && !p.syncing);
+        Route { writes, reads_local, recording: (self.recording || !peer_linked) && writes == Some(Side::Local) }
     }
 
     fn issue(&mut self, now: u64, cmd: Command, out: &mut Vec<Command>) {
@@ -545,23 +564,52 @@ impl NativeNode {
             && p.as_ref().is_some_and(|p| p.master);
 
         if conflict {
-            // Two primaries met (a partition healed): the higher priority keeps the role, the
-            // other merges the keys its clients wrote into it, then follows (N6).
-            // The copy that holds more wins (N5: never overwrite more with less); between
-            // diverged copies the longer history, then the higher priority.
-            let i_win = match (&l, &p) {
-                (Some(l), Some(p)) => first_should_lead(
-                    l,
-                    (self.cfg.priority, &self.cfg.id),
-                    p,
-                    (self.peer_priority(), &self.cfg.peer_id),
-                ),
-                _ => self.cfg.priority > self.peer_priority(),
-            };
-            if !i_win && self.merge == Merge::Idle {
+            // Two primaries met (a partition healed, or a copy came back that another
+            // replaced). One side decides, so the two cannot both win or both merge: the
+            // higher priority. The copy that holds everything the other does wins (N5:
+            // never overwrite more with less); between diverged copies the higher priority
+            // wins (N6) and the other merges the keys its clients wrote into it, then
+            // follows. The decision sticks until the conflict is over.
+            if self.conflict_winner.is_none() {
+                let i_decide =
+                    (self.cfg.priority, self.cfg.peer_id.as_str()) > (self.peer_priority(), self.cfg.id.as_str());
+                if i_decide {
+                    if let (Some(l), Some(p)) = (&l, &p) {
+                        let winner = match compare(l, p) {
+                            Holds::Second => Side::Peer,
+                            Holds::First | Holds::Equal | Holds::Diverged => Side::Local,
+                        };
+                        self.conflict_winner = Some(winner);
+                        let who = if winner == Side::Local { &self.cfg.id } else { &self.cfg.peer_id };
+                        self.events.push(format!(
+                            "two primaries: {who}'s Redis stays primary ({:?} histories)",
+                            compare(l, p)
+                        ));
+                    }
+                } else if let Some(r) = &peer {
+                    self.conflict_winner = match r.winner.as_str() {
+                        "" => None,
+                        id if id == self.cfg.id => Some(Side::Local),
+                        _ => Some(Side::Peer),
+                    };
+                }
+            }
+            if self.conflict_winner == Some(Side::Peer) && self.merge == Merge::Idle {
+                let nothing_to_merge = matches!((&l, &p), (Some(l), Some(p)) if matches!(compare(p, l), Holds::First | Holds::Equal));
+                if nothing_to_merge {
+                    // The peer's Redis holds everything ours does (ours restarted empty or
+                    // from an older snapshot): copying our recorded keys from it would
+                    // overwrite theirs with less (N5). Follow it.
+                    self.recording = false;
+                    self.conflict_winner = None;
+                    self.set_primary(Side::Peer, "the peer's Redis holds everything ours does");
+                    self.issue(now, Command::ClearRecorded, &mut out);
+                    self.issue(now, Command::FollowPeer, &mut out);
+                    return out;
+                }
                 self.merge = Merge::Running(now);
                 self.events.push(format!(
-                    "two primaries after a partition: {} wins on priority; merging this side's writes into it",
+                    "two primaries after a partition: {} stays primary; merging this side's writes into it",
                     self.cfg.peer_id
                 ));
                 self.issue(now, Command::Merge, &mut out);
@@ -574,6 +622,7 @@ impl NativeNode {
             }
             return out;
         }
+        self.conflict_winner = None;
         if matches!(self.merge, Merge::Running(_)) {
             return out;
         }
@@ -586,7 +635,12 @@ impl NativeNode {
                 _ => Some(Side::Peer),
             };
             let outranks = r.epoch > self.epoch || (r.epoch == self.epoch && self.peer_priority() > self.cfg.priority);
-            let unsafe_to_follow = theirs == Some(Side::Peer) && self.recording;
+            // Never give up a primary that takes writes for a peer whose Redis we cannot see:
+            // the conflict rule above decides once both are visible.
+            let unsafe_to_follow = theirs == Some(Side::Peer)
+                && self.primary == Some(Side::Local)
+                && l.as_ref().is_some_and(|l| l.master)
+                && !p.as_ref().is_some_and(|p| !p.master);
             if outranks && theirs.is_some() && theirs != self.primary && !unsafe_to_follow {
                 self.epoch = r.epoch;
                 self.primary = theirs;
@@ -639,15 +693,15 @@ impl NativeNode {
         }
 
         // Everything the peer's Redis lacks is replicated again: forget the recorded keys.
-        if self.recording && self.primary == Some(Side::Local) && peer_alive && !cut_off {
-            if let Some(p) = &p {
-                if !p.master && p.link_up && !p.syncing {
-                    self.recording = false;
-                    self.events.push("the peer's Redis replicates from here again: recorded keys dropped".into());
-                    self.issue(now, Command::ClearRecorded, &mut out);
-                }
+        let linked = self.primary == Some(Side::Local) && p.as_ref().is_some_and(|p| !p.master && p.link_up && !p.syncing);
+        if linked && peer_alive && !cut_off && (self.recording || !self.peer_was_linked) {
+            if self.recording {
+                self.events.push("the peer's Redis replicates from here again: recorded keys dropped".into());
             }
+            self.recording = false;
+            self.issue(now, Command::ClearRecorded, &mut out);
         }
+        self.peer_was_linked = linked;
         out
     }
 
@@ -893,6 +947,11 @@ mod tests {
         a.on_peer_redis(10, Ok(eb.clone()));
         b.on_local(10, Ok(eb));
         b.on_peer_redis(10, Ok(ea));
+        // Neither compares before hearing the other's priority (or the failover timeout).
+        assert!(a.tick(10).is_empty() && a.primary().is_none());
+        let (ra, rb) = (a.report(), b.report());
+        a.on_peer_report(10, rb);
+        b.on_peer_report(10, ra);
         assert!(a.tick(10).is_empty());
         assert_eq!(b.tick(10), vec![Command::FollowPeer]);
         assert_eq!(a.primary(), Some(Side::Local));
