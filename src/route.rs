@@ -47,6 +47,8 @@ pub struct NativeRoute {
     generation: AtomicU64,
     /// Keys recorded for a partition merge.
     pub recorded: Mutex<Recorded>,
+    /// Whether `recorded` holds anything (checked without the lock).
+    has_recorded: AtomicBool,
     /// Writes acknowledged on the primary alone (the replica was not connected).
     pub acks_on_primary_alone: AtomicU64,
     /// Writes whose `WAIT` came back 0 (the replica did not confirm in time).
@@ -101,6 +103,7 @@ impl NativeRoute {
     /// Record keys written in database `db` (`None`: the keys are unknown).
     pub fn record<'a>(&self, db: u32, keys: Option<impl Iterator<Item = &'a [u8]>>) {
         let Ok(mut r) = self.recorded.lock() else { return };
+        self.has_recorded.store(true, Ordering::Release);
         match keys {
             None => r.overflow = true,
             Some(keys) => {
@@ -139,6 +142,19 @@ impl NativeRoute {
         }
     }
 
+    /// A client of this side wrote `req` to the peer's Redis: its keys' newest values are
+    /// there now, so a merge must not copy this side's older values over them.
+    pub fn forget_request(&self, db: u32, req: &crate::resp::Request) {
+        if !self.has_recorded.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(def) = crate::command::lookup(req) else { return };
+        let Ok(mut r) = self.recorded.lock() else { return };
+        for i in crate::command::key_indices(def, req) {
+            r.keys.remove(&(db, Bytes::copy_from_slice(req.arg(i))));
+        }
+    }
+
     /// A copy of the recorded keys (for a merge).
     pub fn snapshot_recorded(&self) -> (Vec<(u32, Bytes)>, bool) {
         self.recorded.lock().map(|r| (r.keys.iter().cloned().collect(), r.overflow)).unwrap_or_default()
@@ -148,6 +164,7 @@ impl NativeRoute {
     pub fn clear_recorded(&self) {
         if let Ok(mut r) = self.recorded.lock() {
             *r = Recorded::default();
+            self.has_recorded.store(false, Ordering::Release);
         }
     }
 

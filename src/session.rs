@@ -450,7 +450,9 @@ impl Session {
         if let (Some(n), Action::Forward(f)) = (&env.native, &action) {
             // Native mode, possibly cut off from the other side: remember what this side's
             // clients write to this side's Redis, for the partition merge (N6).
-            if n.recording() && f.lane != Lane::PeerShared && command::is_write(command::lookup(req)) {
+            if f.lane == Lane::PeerShared {
+                n.forget_request(f.db, req);
+            } else if n.recording() && command::is_write(command::lookup(req)) {
                 n.record_request(f.db, req);
             }
         }

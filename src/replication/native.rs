@@ -170,6 +170,8 @@ struct Observed {
     last_ok: Option<u64>,
     /// The run_id seen before the current one (a restart shows as a change).
     prev_run_id: String,
+    /// The run_id changed since the node last looked (see `NativeNode::tick`).
+    restarted: bool,
 }
 
 impl Observed {
@@ -191,6 +193,7 @@ impl Observed {
                 if let Some(old) = &self.info {
                     if old.run_id != info.run_id {
                         self.prev_run_id = old.run_id.clone();
+                        self.restarted = true;
                     }
                 }
                 self.info = Some(info);
@@ -345,6 +348,10 @@ pub struct NativeNode {
     conflict_winner: Option<Side>,
     /// The peer's Redis was a linked replica of ours at the last tick.
     peer_was_linked: bool,
+    /// Our primary Redis is down and the peer's is a primary holding less: writes wait.
+    holding_for_local: bool,
+    /// "Not synced, no failover" was logged.
+    unsynced_logged: bool,
     /// The last command and when it was issued (not repeated until it could have taken effect).
     last_cmd: Option<(Command, u64)>,
     events: Vec<String>,
@@ -367,6 +374,8 @@ impl NativeNode {
             merge: Merge::Idle,
             conflict_winner: None,
             peer_was_linked: false,
+            holding_for_local: false,
+            unsynced_logged: false,
             last_cmd: None,
             events: Vec::new(),
             failovers: 0,
@@ -418,6 +427,11 @@ impl NativeNode {
             self.epoch = self.epoch.max(peer_epoch) + 1;
             self.primary = Some(Side::Peer);
             self.recording = false;
+            // The local Redis now syncs from the peer's current run on purpose: not a restart
+            // to detach from.
+            if let Some(i) = &self.peer_redis.info {
+                self.peer_redis.prev_run_id = i.run_id.clone();
+            }
             self.detached = false;
             self.events.push(format!("partition merge done: following {} (epoch {})", self.cfg.peer_id, self.epoch));
         } else {
@@ -595,7 +609,8 @@ impl NativeNode {
                 }
             }
             if self.conflict_winner == Some(Side::Peer) && self.merge == Merge::Idle {
-                let nothing_to_merge = matches!((&l, &p), (Some(l), Some(p)) if matches!(compare(p, l), Holds::First | Holds::Equal));
+                let nothing_to_merge =
+                    matches!((&l, &p), (Some(l), Some(p)) if matches!(compare(p, l), Holds::First | Holds::Equal));
                 if nothing_to_merge {
                     // The peer's Redis holds everything ours does (ours restarted empty or
                     // from an older snapshot): copying our recorded keys from it would
@@ -637,10 +652,13 @@ impl NativeNode {
             let outranks = r.epoch > self.epoch || (r.epoch == self.epoch && self.peer_priority() > self.cfg.priority);
             // Never give up a primary that takes writes for a peer whose Redis we cannot see:
             // the conflict rule above decides once both are visible.
+            // Nor while our Redis (down now) holds writes of ours the peer's lacks: they are
+            // merged when it is back; writing the same keys there meanwhile would make the
+            // merge choose between two of our own writes.
             let unsafe_to_follow = theirs == Some(Side::Peer)
                 && self.primary == Some(Side::Local)
-                && l.as_ref().is_some_and(|l| l.master)
-                && !p.as_ref().is_some_and(|p| !p.master);
+                && ((l.as_ref().is_some_and(|l| l.master) && !p.as_ref().is_some_and(|p| !p.master))
+                    || (l.is_none() && self.recording));
             if outranks && theirs.is_some() && theirs != self.primary && !unsafe_to_follow {
                 self.epoch = r.epoch;
                 self.primary = theirs;
@@ -651,6 +669,13 @@ impl NativeNode {
             }
         }
 
+        // Our Redis restarted (empty or from a snapshot of unknown age) while it was the
+        // primary: compare both histories again before sending it writes (N5); a copy that
+        // came back holding less must not take writes and then win as "diverged".
+        if std::mem::take(&mut self.local.restarted) && self.primary == Some(Side::Local) {
+            self.primary = None;
+            self.events.push("the local Redis restarted: comparing both histories before it takes writes".into());
+        }
         let since = self.started;
         if self.primary.is_none() {
             self.form(now, &l, &p, peer_alive, &mut out);
@@ -658,6 +683,9 @@ impl NativeNode {
         match self.primary {
             None => {}
             Some(Side::Local) => {
+                if l.is_some() {
+                    self.holding_for_local = false;
+                }
                 match &l {
                     Some(l) if !l.master => self.issue(now, Command::Promote(Side::Local), &mut out),
                     Some(_) => {}
@@ -665,7 +693,25 @@ impl NativeNode {
                         // Our Redis is gone: the peer's sidecar promotes its own once it sees
                         // that; if that sidecar is silent too, promote its Redis from here.
                         if self.local.down_for(now, since) >= ft {
-                            if let Some(p) = &p {
+                            // Only to a copy that holds what ours held, or that was promoted
+                            // from our history (our tail beyond that point is recorded): a
+                            // stale primary would take writes on a history that loses ours.
+                            let follows_ours = |p: &ReplInfo| {
+                                self.local.info.as_ref().is_none_or(|last| {
+                                    matches!(compare(p, last), Holds::First | Holds::Equal)
+                                        || (p.second_offset > 0 && p.replid2 == last.replid)
+                                })
+                            };
+                            if let Some(p) = p.as_ref().filter(|p| p.master && !follows_ours(p)) {
+                                let _ = p;
+                                if !self.holding_for_local {
+                                    self.holding_for_local = true;
+                                    self.events.push(
+                                        "the local Redis (primary) is down and the peer's holds less: writes wait for ours"
+                                            .into(),
+                                    );
+                                }
+                            } else if let Some(p) = &p {
                                 if p.master {
                                     self.set_primary(Side::Peer, "the local Redis is down and the peer's is primary");
                                 } else if !peer_alive {
@@ -693,7 +739,8 @@ impl NativeNode {
         }
 
         // Everything the peer's Redis lacks is replicated again: forget the recorded keys.
-        let linked = self.primary == Some(Side::Local) && p.as_ref().is_some_and(|p| !p.master && p.link_up && !p.syncing);
+        let linked =
+            self.primary == Some(Side::Local) && p.as_ref().is_some_and(|p| !p.master && p.link_up && !p.syncing);
         if linked && peer_alive && !cut_off && (self.recording || !self.peer_was_linked) {
             if self.recording {
                 self.events.push("the peer's Redis replicates from here again: recorded keys dropped".into());
@@ -805,6 +852,8 @@ impl NativeNode {
                         }
                         _ => {
                             self.detached = false;
+                            // Compared just now: this run of the peer's Redis is the one to follow.
+                            self.peer_redis.prev_run_id = p.run_id.clone();
                             self.issue(now, Command::FollowPeer, out);
                         }
                     }
@@ -832,8 +881,9 @@ impl NativeNode {
                     } else if peer.is_none() {
                         self.issue(now, Command::Promote(Side::Peer), out);
                     }
-                } else if !p.link_up {
-                    // Ours is detached and the peer's is a replica of nobody reachable.
+                } else if !p.link_up && compare(p, l) != Holds::First {
+                    // Ours is detached and the peer's is a replica of nobody reachable (and
+                    // holds no more than ours: if it does, its sidecar promotes it).
                     self.set_primary(Side::Local, "the peer's Redis is a replica that cannot sync");
                 }
             }
@@ -847,7 +897,20 @@ impl NativeNode {
                 }
                 let gone_for = self.peer_redis.down_for(now, self.started);
                 let confirmed = peer.is_none_or(|r| !r.redis_up);
-                if gone_for >= ft && confirmed {
+                // Only a replica that synced from this primary holds its data: one still in
+                // (or never past) its first full sync holds whatever it had before.
+                let synced =
+                    self.peer_redis.info.as_ref().is_some_and(|last| {
+                        l.replid == last.replid || (l.second_offset > 0 && l.replid2 == last.replid)
+                    });
+                if gone_for >= ft && confirmed && !synced && !self.unsynced_logged {
+                    self.unsynced_logged = true;
+                    self.events.push(
+                        "the primary Redis is unreachable but ours never finished syncing from it: no failover; writes wait"
+                            .into(),
+                    );
+                }
+                if gone_for >= ft && confirmed && synced {
                     self.failovers += 1;
                     self.detached = false;
                     self.set_primary(Side::Local, "failover: the primary Redis is unreachable");

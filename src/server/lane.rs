@@ -71,8 +71,8 @@ enum Mark {
     Plain,
     /// Part of a batch that ends with WAIT: held until the WAIT answers.
     Held,
-    /// The WAIT itself.
-    Wait,
+    /// The WAIT itself, with the route's generation when it was sent.
+    Wait(u64),
 }
 
 /// Native mode: what the lane needs to know about the pair.
@@ -215,16 +215,20 @@ impl Lane {
         match p.mark {
             Mark::Plain => self.deliver(p.sink, reply),
             Mark::Held => self.st.borrow_mut().held.push((p.sink, reply, p.write)),
-            Mark::Wait => {
+            Mark::Wait(generation) => {
                 let confirmed = resp::integer_reply(&reply).is_some_and(|n| n >= 1);
                 let held = std::mem::take(&mut self.st.borrow_mut().held);
                 for (sink, r, write) in held {
                     match (&write, &self.native) {
                         (Some((db, frame)), Some(n)) if !confirmed && !resp::is_error(&r) => {
                             n.route.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
-                            if n.side == Side::Local {
+                            let unchanged = n.route.generation() == generation
+                                && n.route.writes() == crate::route::WriteTarget::Local;
+                            if n.side == Side::Local && unchanged {
                                 // Acknowledged on this side's Redis alone: if the other side
-                                // takes over, the partition merge brings it back (N6).
+                                // takes over, the partition merge brings it back (N6). Not
+                                // when the route changed since it was sent: the merge that
+                                // needed the key may already have run.
                                 n.route.record_frame(*db, frame);
                                 self.deliver(sink, r);
                             } else {
@@ -270,7 +274,8 @@ impl LaneState {
                         p.mark = Mark::Held;
                     }
                     self.push_frame(w);
-                    self.sinks.push_back(Pending { sink: Sink::Discard, mark: Mark::Wait, write: None });
+                    let generation = native.map(|n| n.route.generation()).unwrap_or(0);
+                    self.sinks.push_back(Pending { sink: Sink::Discard, mark: Mark::Wait(generation), write: None });
                 }
                 None => {
                     if let Some(n) = native {

@@ -620,10 +620,23 @@ async fn run_on(shell: &Shell, addr: SocketAddr, cmds: &[Vec<Vec<u8>>]) -> Resul
 /// make the local Redis replicate the peer's.
 async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
     let timeout = shell.core.shared.cfg.redis.request_timeout_ms;
-    let mut link = connect_peer(shell, timeout).await?;
-    let reply = roundtrip(&mut link, &[vec![b"RS.NMERGE".to_vec()]], timeout).await?;
-    let (their_overflow, theirs) = parse_merge_reply(reply.first().map(|b| &b[..]).unwrap_or(b""))
-        .ok_or_else(|| "the peer's RS.NMERGE answer is malformed".to_string())?;
+    // The winner's sidecar holds its writes and names the keys its clients wrote; when it is
+    // down nobody writes its Redis but through us (and those writes left our list).
+    let mut link = match connect_peer(shell, timeout).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("partition merge without {}'s sidecar ({e}): its keys are taken as unwritten", shell.peer_id);
+            None
+        }
+    };
+    let (their_overflow, theirs) = match link.as_mut() {
+        Some(link) => {
+            let reply = roundtrip(link, &[vec![b"RS.NMERGE".to_vec()]], timeout).await?;
+            parse_merge_reply(reply.first().map(|b| &b[..]).unwrap_or(b""))
+                .ok_or_else(|| "the peer's RS.NMERGE answer is malformed".to_string())?
+        }
+        None => (false, Vec::new()),
+    };
     // Our own writes sent just before the hold get a moment to land.
     monoio::time::sleep(shell.poll).await;
     let (mut mine, overflow) = shell.route.snapshot_recorded();
@@ -693,7 +706,9 @@ async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
         "partition merge: this side's writes copied into {}'s Redis (conflicting keys keep its value)",
         shell.peer_id
     );
-    let _ = roundtrip(&mut link, &[vec![b"RS.NMERGED".to_vec()]], timeout).await;
+    if let Some(link) = link.as_mut() {
+        let _ = roundtrip(link, &[vec![b"RS.NMERGED".to_vec()]], timeout).await;
+    }
     Ok(())
 }
 
