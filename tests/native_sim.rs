@@ -1286,6 +1286,7 @@ impl Sim {
         for j in 0..2 {
             if let Some((at, mode)) = self.redis[j].restart_at {
                 if now >= at {
+                    self.disturbed_until = self.disturbed_until.max(now + 3000);
                     self.restart_redis(j, mode);
                 }
             }
@@ -1294,6 +1295,7 @@ impl Sim {
                 self.redis_resume(j);
             }
             if self.cars[j].restart_at.is_some_and(|at| now >= at) {
+                self.disturbed_until = self.disturbed_until.max(now + 3000);
                 self.cars[j].restart_at = None;
                 self.cars[j].node = Some(NativeNode::new(cfg(j), now));
                 self.cars[j].next_poll = now + self.rng.range(0, 50);
@@ -1308,6 +1310,8 @@ impl Sim {
         }
         if now == FAULT_PHASE {
             tr!(self, "---- faults stop: heal, resume, restart everything ----");
+            // Before resuming anything: a resumed Redis applies what it queued at once.
+            self.disturbed_until = self.disturbed_until.max(now + 3000);
             if self.partition.is_some() {
                 self.partition = None;
                 tr!(self, "heal partition");

@@ -172,6 +172,8 @@ struct Observed {
     prev_run_id: String,
     /// The run_id changed since the node last looked (see `NativeNode::tick`).
     restarted: bool,
+    /// The run_id changed since the last check of the local copy's sync state.
+    restarted_since_sync: bool,
 }
 
 impl Observed {
@@ -194,6 +196,7 @@ impl Observed {
                     if old.run_id != info.run_id {
                         self.prev_run_id = old.run_id.clone();
                         self.restarted = true;
+                        self.restarted_since_sync = true;
                     }
                 }
                 self.info = Some(info);
@@ -350,8 +353,14 @@ pub struct NativeNode {
     peer_was_linked: bool,
     /// Our primary Redis is down and the peer's is a primary holding less: writes wait.
     holding_for_local: bool,
+    /// The furthest offset the peer's Redis was seen holding as a linked replica of ours:
+    /// writes up to it were confirmed there and are recorded nowhere.
+    peer_confirmed_offset: u64,
     /// "Not synced, no failover" was logged.
     unsynced_logged: bool,
+    /// The local Redis finished a sync from the peer's (link up, not syncing) since it was
+    /// last told to follow it or restarted: it holds the primary's data.
+    local_synced: bool,
     /// The last command and when it was issued (not repeated until it could have taken effect).
     last_cmd: Option<(Command, u64)>,
     events: Vec<String>,
@@ -375,7 +384,9 @@ impl NativeNode {
             conflict_winner: None,
             peer_was_linked: false,
             holding_for_local: false,
+            peer_confirmed_offset: 0,
             unsynced_logged: false,
+            local_synced: false,
             last_cmd: None,
             events: Vec::new(),
             failovers: 0,
@@ -539,6 +550,10 @@ impl NativeNode {
                 return;
             }
         }
+        if matches!(cmd, Command::FollowPeer | Command::Merge) {
+            // A (full) sync starts: until it completes the local copy is not the primary's.
+            self.local_synced = false;
+        }
         self.last_cmd = Some((cmd.clone(), now));
         out.push(cmd);
     }
@@ -571,6 +586,18 @@ impl NativeNode {
         let cut_off = !self.peer_heard_within(now, ft / 2);
         let l = self.local.current().cloned();
         let p = self.peer_redis.current().cloned();
+        if std::mem::take(&mut self.local.restarted_since_sync) {
+            self.local_synced = false;
+        }
+        if l.as_ref().is_some_and(|l| !l.master && l.link_up && !l.syncing) {
+            self.local_synced = true;
+            self.unsynced_logged = false;
+        }
+        if let (Some(l), Some(p)) = (&l, &p) {
+            if l.master && !p.master && p.link_up && p.replid == l.replid {
+                self.peer_confirmed_offset = self.peer_confirmed_offset.max(p.offset);
+            }
+        }
         let peer_claims = peer.as_ref().is_some_and(|r| r.primary == self.cfg.peer_id);
         let conflict = peer_claims
             && self.primary == Some(Side::Local)
@@ -696,10 +723,13 @@ impl NativeNode {
                             // Only to a copy that holds what ours held, or that was promoted
                             // from our history (our tail beyond that point is recorded): a
                             // stale primary would take writes on a history that loses ours.
+                            let confirmed = self.peer_confirmed_offset;
                             let follows_ours = |p: &ReplInfo| {
                                 self.local.info.as_ref().is_none_or(|last| {
                                     matches!(compare(p, last), Holds::First | Holds::Equal)
-                                        || (p.second_offset > 0 && p.replid2 == last.replid)
+                                        || (p.second_offset > 0
+                                            && p.replid2 == last.replid
+                                            && p.second_offset as u64 > confirmed)
                                 })
                             };
                             if let Some(p) = p.as_ref().filter(|p| p.master && !follows_ours(p)) {
@@ -899,10 +929,7 @@ impl NativeNode {
                 let confirmed = peer.is_none_or(|r| !r.redis_up);
                 // Only a replica that synced from this primary holds its data: one still in
                 // (or never past) its first full sync holds whatever it had before.
-                let synced =
-                    self.peer_redis.info.as_ref().is_some_and(|last| {
-                        l.replid == last.replid || (l.second_offset > 0 && l.replid2 == last.replid)
-                    });
+                let synced = self.local_synced;
                 if gone_for >= ft && confirmed && !synced && !self.unsynced_logged {
                     self.unsynced_logged = true;
                     self.events.push(
