@@ -288,13 +288,17 @@ enum ReqState {
 struct Req {
     created: u64,
     state: ReqState,
-    /// The sending sidecar's (epoch, primary) when the write was sent: the lane's route
-    /// generation. An acknowledgement on one copy is given only if it is unchanged.
-    sent_gen: (u64, Option<Side>),
+    /// The sending sidecar's route generation (changes of its write target, as the shell's
+    /// `NativeRoute::generation`) when the write was sent. An acknowledgement on one copy is
+    /// given only if it is unchanged.
+    sent_gen: u64,
 }
 
 struct Sidecar {
     node: Option<NativeNode>,
+    /// Changes of the write target so far (the shell's route generation), and the last one.
+    route_gen: u64,
+    last_writes: Option<Option<Side>>,
     paused: bool,
     recorded: BTreeSet<String>,
     next_poll: u64,
@@ -391,6 +395,8 @@ impl Sim {
             node: Some(NativeNode::new(cfg(0), 0)),
             paused: false,
             recorded: BTreeSet::new(),
+            route_gen: 0,
+            last_writes: None,
             next_poll: rng.range(0, 100),
             inbox: Vec::new(),
             restart_at: None,
@@ -765,7 +771,7 @@ impl Sim {
     fn same_gen(&self, r: usize) -> bool {
         let car = self.writes[r].car;
         match (&self.cars[car].node, self.reqs.get(&r)) {
-            (Some(n), Some(q)) => (n.epoch(), n.primary()) == q.sent_gen,
+            (Some(_), Some(q)) => self.cars[car].route_gen == q.sent_gen,
             _ => false,
         }
     }
@@ -1126,8 +1132,7 @@ impl Sim {
                         self.cars[car].recorded.remove(&key);
                     }
                     let j = target(car, side);
-                    let n = self.cars[car].node.as_ref().unwrap();
-                    self.reqs.get_mut(&r).unwrap().sent_gen = (n.epoch(), n.primary());
+                    self.reqs.get_mut(&r).unwrap().sent_gen = self.cars[car].route_gen;
                     // The lane appends WAIT 1 when the primary's replica is linked now.
                     let rep = &self.redis[1 - j];
                     let wait = rep.alive && rep.follow == Some(j) && rep.link_up;
@@ -1226,7 +1231,7 @@ impl Sim {
                 value: 0,
                 offset: 0,
             });
-            self.reqs.insert(wid, Req { created: self.now, state: ReqState::Held, sent_gen: (0, None) });
+            self.reqs.insert(wid, Req { created: self.now, state: ReqState::Held, sent_gen: u64::MAX });
             self.clients[c].busy = true;
         }
     }
@@ -1434,6 +1439,14 @@ impl Sim {
         let order = self.rng.below(2) as usize;
         self.step_sidecar(order);
         self.step_sidecar(1 - order);
+        for i in 0..2 {
+            let now = self.now;
+            let w = self.cars[i].node.as_ref().map(|n| n.route(now).writes);
+            if self.cars[i].last_writes != Some(w.flatten()) || w.is_none() {
+                self.cars[i].route_gen += 1;
+                self.cars[i].last_writes = w.map(|_| w.flatten());
+            }
+        }
         self.step_requests();
         self.step_clients();
     }
