@@ -6,67 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::pair::{parse_status, Pair, PairOpts, Status};
-use common::wait_until;
+use common::native::{native, role_of, status_of, wait_equal, wait_formed, FORM_TIMEOUT};
+use common::pair::Pair;
 use redis::Commands;
-
-const FORM_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn native(write_ack: &'static str) -> PairOpts {
-    PairOpts { mode: "native", write_ack, ..PairOpts::default() }
-}
-
-fn status_of(port: u16) -> Option<Status> {
-    let mut c = common::pair::conn_with_timeout(port, Duration::from_secs(2)).ok()?;
-    let text: String = redis::cmd("RESPLICA").arg("STATUS").query(&mut c).ok()?;
-    Some(parse_status(&text))
-}
-
-/// Wait until `primary`'s sidecar is primary, the other's is its replica with the link up,
-/// and both say so.
-fn wait_formed(pair: &Pair, primary: &str, timeout: Duration) {
-    let ok = wait_until(timeout, || {
-        let (Some(a), Some(b)) = (status_of(pair.a.port), status_of(pair.b.port)) else { return false };
-        a.get("primary") == primary
-            && b.get("primary") == primary
-            && a.get("replica_link") == "up"
-            && b.get("replica_link") == "up"
-    });
-    if !ok {
-        panic!(
-            "pair did not form with {primary} primary within {timeout:?}\na: {:?}\nb: {:?}",
-            status_of(pair.a.port).map(|s| s.raw),
-            status_of(pair.b.port).map(|s| s.raw)
-        );
-    }
-}
-
-fn role_of(conn: &mut redis::Connection) -> String {
-    let info: String = redis::cmd("INFO").arg("replication").query(conn).unwrap_or_default();
-    info.lines().find_map(|l| l.strip_prefix("role:")).unwrap_or("").trim().to_string()
-}
-
-/// Both Redis hold the same keys and values (strings and counters), once replication caught up.
-fn wait_equal(pair: &Pair, timeout: Duration) {
-    let mut last = String::new();
-    let ok = wait_until(timeout, || {
-        let (mut ra, mut rb) = (pair.a.redis.conn(), pair.b.redis.conn());
-        let dump = |c: &mut redis::Connection| -> Vec<(String, Option<String>)> {
-            let mut keys: Vec<String> = c.keys("*").unwrap_or_default();
-            keys.sort();
-            keys.into_iter()
-                .map(|k| {
-                    let v: Option<String> = c.get(&k).unwrap_or(None);
-                    (k, v)
-                })
-                .collect()
-        };
-        let (da, db) = (dump(&mut ra), dump(&mut rb));
-        last = format!("a has {} keys, b has {}", da.len(), db.len());
-        da == db
-    });
-    assert!(ok, "the two Redis differ: {last}");
-}
 
 #[test]
 fn forms_on_the_higher_priority_and_replicates_both_ways() {

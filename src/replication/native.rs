@@ -699,9 +699,16 @@ impl NativeNode {
         // Our Redis restarted (empty or from a snapshot of unknown age) while it was the
         // primary: compare both histories again before sending it writes (N5); a copy that
         // came back holding less must not take writes and then win as "diverged".
-        if std::mem::take(&mut self.local.restarted) && self.primary == Some(Side::Local) {
-            self.primary = None;
-            self.events.push("the local Redis restarted: comparing both histories before it takes writes".into());
+        if std::mem::take(&mut self.local.restarted) {
+            // The keys recorded were written to the previous run: what this one holds of them
+            // is older (a snapshot) or nothing; copying it in a merge could only overwrite
+            // newer values.
+            self.recording = false;
+            self.issue(now, Command::ClearRecorded, &mut out);
+            if self.primary == Some(Side::Local) {
+                self.primary = None;
+                self.events.push("the local Redis restarted: comparing both histories before it takes writes".into());
+            }
         }
         let since = self.started;
         if self.primary.is_none() {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use resplica::resp::ReplySkimmer;
 
+pub mod native;
 pub mod pair;
 
 /// How long a process may take to become ready.

@@ -31,6 +31,9 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
 struct RelayShared {
     target: u16,
     cut: AtomicBool,
+    /// `blackhole`: connections stay open but no byte moves either way (as when every packet
+    /// is dropped); held bytes flow again on `restore`, as TCP's retransmissions would.
+    blackhole: AtomicBool,
     stop: AtomicBool,
     next_id: AtomicU64,
     /// Both sockets of every forwarded connection, so `cut` can close them.
@@ -41,7 +44,10 @@ struct RelayShared {
 
 /// A TCP forwarder on a free port of 127.0.0.1 in front of `127.0.0.1:target`. `cut` closes
 /// every forwarded connection and closes new ones as soon as they are accepted (a link that is
-/// down while both ends stay alive); `heal` forwards again.
+/// down while both ends stay alive); `heal` forwards again. `blackhole` keeps every socket open
+/// but stops moving bytes in both directions, and leaves new connections unanswered (a network
+/// that drops packets: the ends only learn of it by their own timeouts); `restore` delivers
+/// what was held and forwards again.
 pub struct LinkRelay {
     pub port: u16,
     pub target: u16,
@@ -59,6 +65,7 @@ impl LinkRelay {
                     let shared = Arc::new(RelayShared {
                         target,
                         cut: AtomicBool::new(false),
+                        blackhole: AtomicBool::new(false),
                         stop: AtomicBool::new(false),
                         next_id: AtomicU64::new(0),
                         conns: Mutex::new(HashMap::new()),
@@ -96,6 +103,21 @@ impl LinkRelay {
         self.shared.cut.store(false, Ordering::SeqCst);
     }
 
+    /// Stop forwarding bytes in both directions, keeping every socket open; connections
+    /// accepted meanwhile are not connected upstream until `restore`.
+    pub fn blackhole(&self) {
+        self.shared.blackhole.store(true, Ordering::SeqCst);
+    }
+
+    /// Forward again after `blackhole` (bytes held meanwhile are delivered in order).
+    pub fn restore(&self) {
+        self.shared.blackhole.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_blackholed(&self) -> bool {
+        self.shared.blackhole.load(Ordering::SeqCst)
+    }
+
     pub fn is_cut(&self) -> bool {
         self.shared.cut.load(Ordering::SeqCst)
     }
@@ -121,37 +143,64 @@ fn relay_accept(listener: TcpListener, shared: Arc<RelayShared>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         }
-        let Ok(upstream) =
-            TcpStream::connect_timeout(&([127, 0, 0, 1], shared.target).into(), Duration::from_millis(500))
-        else {
-            let _ = client.shutdown(Shutdown::Both);
+        if shared.blackhole.load(Ordering::SeqCst) {
+            // Unanswered until `restore` (or closed by `cut` / drop).
+            let s = shared.clone();
+            let _ = std::thread::Builder::new().name("relay-held".into()).spawn(move || {
+                if hold_while_blackholed(&s) {
+                    relay_connect(client, s);
+                } else {
+                    let _ = client.shutdown(Shutdown::Both);
+                }
+            });
             continue;
-        };
-        client.set_nodelay(true).ok();
-        upstream.set_nodelay(true).ok();
-        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-        let (Ok(c2), Ok(u2), Ok(c3), Ok(u3)) =
-            (client.try_clone(), upstream.try_clone(), client.try_clone(), upstream.try_clone())
-        else {
-            continue;
-        };
-        {
-            let mut g = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-            // Checked under the lock `cut` takes: a connection is either registered before the
-            // cut (and closed by it) or refused here.
-            if shared.cut.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
-                let _ = client.shutdown(Shutdown::Both);
-                let _ = upstream.shutdown(Shutdown::Both);
-                continue;
-            }
-            g.insert(id, (c3, u3));
         }
-        shared.forwarded.fetch_add(1, Ordering::SeqCst);
-        let s1 = shared.clone();
-        let s2 = shared.clone();
-        let _ = std::thread::Builder::new().name("relay-up".into()).spawn(move || pump(client, upstream, id, s1));
-        let _ = std::thread::Builder::new().name("relay-down".into()).spawn(move || pump(u2, c2, id, s2));
+        relay_connect(client, shared.clone());
     }
+}
+
+/// Wait while the relay is blackholed; `false` when it was cut or stopped meanwhile.
+fn hold_while_blackholed(shared: &RelayShared) -> bool {
+    while shared.blackhole.load(Ordering::SeqCst) {
+        if shared.cut.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    !shared.cut.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst)
+}
+
+/// Connect an accepted client to the target and start forwarding both ways.
+fn relay_connect(client: TcpStream, shared: Arc<RelayShared>) {
+    let Ok(upstream) = TcpStream::connect_timeout(&([127, 0, 0, 1], shared.target).into(), Duration::from_millis(500))
+    else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    client.set_nodelay(true).ok();
+    upstream.set_nodelay(true).ok();
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    let (Ok(c2), Ok(u2), Ok(c3), Ok(u3)) =
+        (client.try_clone(), upstream.try_clone(), client.try_clone(), upstream.try_clone())
+    else {
+        return;
+    };
+    {
+        let mut g = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock `cut` takes: a connection is either registered before the
+        // cut (and closed by it) or refused here.
+        if shared.cut.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = upstream.shutdown(Shutdown::Both);
+            return;
+        }
+        g.insert(id, (c3, u3));
+    }
+    shared.forwarded.fetch_add(1, Ordering::SeqCst);
+    let s1 = shared.clone();
+    let s2 = shared.clone();
+    let _ = std::thread::Builder::new().name("relay-up".into()).spawn(move || pump(client, upstream, id, s1));
+    let _ = std::thread::Builder::new().name("relay-down".into()).spawn(move || pump(u2, c2, id, s2));
 }
 
 fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<RelayShared>) {
@@ -160,7 +209,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<RelayShared
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if shared.cut.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+                // Blackholed: hold these bytes (and read no more) until restored.
+                if !hold_while_blackholed(&shared) || to.write_all(&buf[..n]).is_err() {
                     break;
                 }
             }
@@ -627,6 +677,20 @@ impl Pair {
 
     /// Start everything and wait until both client ports answer, but not for sync.
     pub fn start_unsynced(opts: PairOpts) -> Pair {
+        let mut pair = Pair::prepare(opts);
+        pair.a.spawn_proxy();
+        pair.b.spawn_proxy();
+        for n in [&mut pair.a, &mut pair.b] {
+            if let Err(e) = n.wait_proxy_ready(START_TIMEOUT) {
+                panic!("{e}\nconfig:\n{}", n.config_text);
+            }
+        }
+        pair
+    }
+
+    /// Start both Redis (and the relays) and write both configurations, but start no sidecar
+    /// (`Node::spawn_proxy` / `start_proxy` do).
+    pub fn prepare(opts: PairOpts) -> Pair {
         let ra = RedisServer::start();
         let rb = RedisServer::start();
         let pa = Ports { client: free_port(), peer: free_port(), admin: free_port() };
@@ -669,15 +733,7 @@ impl Pair {
                 redis,
             }
         };
-        let mut pair = Pair { a: mk("a", 100, &pa, ta, ra), b: mk("b", 90, &pb, tb, rb), opts, relays };
-        pair.a.spawn_proxy();
-        pair.b.spawn_proxy();
-        for n in [&mut pair.a, &mut pair.b] {
-            if let Err(e) = n.wait_proxy_ready(START_TIMEOUT) {
-                panic!("{e}\nconfig:\n{}", n.config_text);
-            }
-        }
-        pair
+        Pair { a: mk("a", 100, &pa, ta, ra), b: mk("b", 90, &pb, tb, rb), opts, relays }
     }
 
     pub fn nodes(&self) -> [&Node; 2] {
@@ -713,6 +769,21 @@ impl Pair {
     pub fn heal_links(&self) {
         for r in self.relays().all() {
             r.heal();
+        }
+    }
+
+    /// Drop every byte between the two sides (sidecar↔sidecar and sidecar/Redis→other Redis)
+    /// while every socket stays open: a partition that drops packets (`LinkRelay::blackhole`).
+    pub fn blackhole_links(&self) {
+        for r in self.relays().all() {
+            r.blackhole();
+        }
+    }
+
+    /// End `blackhole_links`: held bytes are delivered and forwarding resumes.
+    pub fn restore_links(&self) {
+        for r in self.relays().all() {
+            r.restore();
         }
     }
 
