@@ -102,6 +102,19 @@ fn contains(x: &ReplInfo, y: &ReplInfo) -> bool {
     (x.replid == yid && yoff <= x.offset) || (x.second_offset > 0 && x.replid2 == yid && yoff < x.second_offset as u64)
 }
 
+/// Whether two histories share an ancestor (a replid in common): two forks of one history,
+/// not unrelated data.
+pub fn related(x: &ReplInfo, y: &ReplInfo) -> bool {
+    let ids = |i: &ReplInfo| {
+        [i.replid.clone(), i.replid2.clone()]
+            .into_iter()
+            .filter(|id| !id.is_empty() && id.bytes().any(|b| b != b'0'))
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (ids(x), ids(y));
+    a.iter().any(|id| b.contains(id))
+}
+
 /// How two Redis's histories relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holds {
@@ -618,9 +631,32 @@ impl NativeNode {
                     if let (Some(l), Some(p)) = (&l, &p) {
                         let winner = match compare(l, p) {
                             Holds::Second => Side::Peer,
-                            Holds::First | Holds::Equal | Holds::Diverged => Side::Local,
+                            Holds::First | Holds::Equal => Side::Local,
+                            // Two forks of one history (a partition): the higher priority
+                            // (N6); the other's writes since the fork are recorded and merged.
+                            Holds::Diverged if related(l, p) => Side::Local,
+                            // No common history (one restarted empty and took writes before
+                            // anyone looked): the longer history, then more keys (N5).
+                            Holds::Diverged => {
+                                if first_should_lead(
+                                    l,
+                                    (self.cfg.priority, &self.cfg.id),
+                                    p,
+                                    (self.peer_priority(), &self.cfg.peer_id),
+                                ) {
+                                    Side::Local
+                                } else {
+                                    Side::Peer
+                                }
+                            }
                         };
                         self.conflict_winner = Some(winner);
+                        if winner == Side::Local {
+                            // Re-asserted: above every epoch the other side claimed, so that
+                            // its reports from before the merge cannot outrank this one.
+                            let theirs = peer.as_ref().map(|r| r.epoch).unwrap_or(0);
+                            self.epoch = self.epoch.max(theirs) + 1;
+                        }
                         let who = if winner == Side::Local { &self.cfg.id } else { &self.cfg.peer_id };
                         self.events.push(format!(
                             "two primaries: {who}'s Redis stays primary ({:?} histories)",
@@ -918,7 +954,9 @@ impl NativeNode {
                     } else if peer.is_none() {
                         self.issue(now, Command::Promote(Side::Peer), out);
                     }
-                } else if !p.link_up && compare(p, l) != Holds::First {
+                } else if !p.link_up
+                    && first_should_lead(l, (self.cfg.priority, &self.cfg.id), p, (self.peer_priority(), &self.cfg.peer_id))
+                {
                     // Ours is detached and the peer's is a replica of nobody reachable (and
                     // holds no more than ours: if it does, its sidecar promotes it).
                     self.set_primary(Side::Local, "the peer's Redis is a replica that cannot sync");

@@ -387,6 +387,15 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                 client.session.borrow_mut().on_request(&req, &env)
             };
             client.publish_info();
+            // Native mode: a command whose Redis connection is down right now (a failover
+            // under way) waits like a held one instead of failing at once.
+            let action = match action {
+                Action::Forward(f) if native_lane_down(&client, &f) => {
+                    client.session.borrow_mut().completed(f.tag);
+                    Action::Hold
+                }
+                a => a,
+            };
             if !matches!(action, Action::Hold) {
                 hold_since = None;
             }
@@ -467,6 +476,20 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
     client.wake_writer.notify();
     if let Some(mut d) = dedicated.take() {
         let _ = d.wr.shutdown().await;
+    }
+}
+
+/// Native mode: `f` goes to a shared connection that is down now.
+fn native_lane_down(client: &Client, f: &Forward) -> bool {
+    let core = &client.core;
+    if core.shared.native.is_none() {
+        return false;
+    }
+    let proto = client.session.borrow().proto;
+    match f.lane {
+        Lane::Shared(owner) if owner == core.idx => !core.lane(proto).is_connected(),
+        Lane::PeerShared => !core.peer_lane(proto).is_connected(),
+        _ => false,
     }
 }
 
