@@ -53,6 +53,19 @@ pub struct NativeRoute {
     pub acks_on_primary_alone: AtomicU64,
     /// Writes whose `WAIT` came back 0 (the replica did not confirm in time).
     pub unconfirmed_writes: AtomicU64,
+    /// The run of the local / the peer's Redis the control plane approved for writes
+    /// (`run_id_hash`; 0: none).
+    approved_local: AtomicU64,
+    approved_peer: AtomicU64,
+}
+
+/// A run_id as a number for cheap comparisons (FNV-1a; never 0 for a non-empty id).
+pub fn run_id_hash(run_id: &str) -> u64 {
+    if run_id.is_empty() {
+        return 0;
+    }
+    let h = run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    h.max(1)
 }
 
 impl NativeRoute {
@@ -69,6 +82,21 @@ impl NativeRoute {
         self.reads_local.store(route.reads_local, Ordering::Release);
         self.recording.store(route.recording, Ordering::Release);
         self.replica_linked.store(replica_linked, Ordering::Release);
+    }
+
+    /// Approve the runs of both Redis the decisions were taken on (`None`: unknown).
+    pub fn approve(&self, local: Option<&str>, peer: Option<&str>) {
+        self.approved_local.store(local.map_or(0, run_id_hash), Ordering::Release);
+        self.approved_peer.store(peer.map_or(0, run_id_hash), Ordering::Release);
+    }
+
+    /// Whether a connection reaching run `run` of that side's Redis may carry writes.
+    pub fn approved(&self, side: Side, run: u64) -> bool {
+        let ok = match side {
+            Side::Local => self.approved_local.load(Ordering::Acquire),
+            Side::Peer => self.approved_peer.load(Ordering::Acquire),
+        };
+        run != 0 && ok == run
     }
 
     /// Where writes go now.

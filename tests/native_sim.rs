@@ -1124,6 +1124,13 @@ impl Sim {
                     }
                     let route = self.cars[car].node.as_ref().unwrap().route(now);
                     let Some(side) = route.writes else { continue };
+                    // As the shell's lanes: writes go only to the run of that Redis the last
+                    // tick decided on (a restarted one waits until it was compared).
+                    let vetted =
+                        self.cars[car].node.as_ref().unwrap().vetted_run(side) == self.redis[target(car, side)].run_id;
+                    if !vetted {
+                        continue;
+                    }
                     let key = self.writes[wid].key.clone();
                     if route.recording && side == Side::Local {
                         self.cars[car].recorded.insert(key);

@@ -371,6 +371,8 @@ pub struct NativeNode {
     peer_confirmed_offset: u64,
     /// "Not synced, no failover" was logged.
     unsynced_logged: bool,
+    /// The runs of the local and the peer's Redis the last tick decided on.
+    vetted: (String, String),
     /// The local Redis finished a sync from the peer's (link up, not syncing) since it was
     /// last told to follow it or restarted: it holds the primary's data.
     local_synced: bool,
@@ -399,6 +401,7 @@ impl NativeNode {
             holding_for_local: false,
             peer_confirmed_offset: 0,
             unsynced_logged: false,
+            vetted: (String::new(), String::new()),
             local_synced: false,
             last_cmd: None,
             events: Vec::new(),
@@ -492,6 +495,15 @@ impl NativeNode {
         match &self.peer {
             Some((r, _)) => r.priority,
             None => self.cfg.peer_priority,
+        }
+    }
+
+    /// The run of that side's Redis the last `tick` decided on (empty: none): writes go only
+    /// to that run (a Redis restarted since must be compared first).
+    pub fn vetted_run(&self, side: Side) -> &str {
+        match side {
+            Side::Local => &self.vetted.0,
+            Side::Peer => &self.vetted.1,
         }
     }
 
@@ -746,6 +758,10 @@ impl NativeNode {
                 self.events.push("the local Redis restarted: comparing both histories before it takes writes".into());
             }
         }
+        self.vetted = (
+            l.as_ref().map(|i| i.run_id.clone()).unwrap_or_default(),
+            p.as_ref().map(|i| i.run_id.clone()).unwrap_or_default(),
+        );
         let since = self.started;
         if self.primary.is_none() {
             self.form(now, &l, &p, peer_alive, &mut out);
@@ -955,7 +971,12 @@ impl NativeNode {
                         self.issue(now, Command::Promote(Side::Peer), out);
                     }
                 } else if !p.link_up
-                    && first_should_lead(l, (self.cfg.priority, &self.cfg.id), p, (self.peer_priority(), &self.cfg.peer_id))
+                    && first_should_lead(
+                        l,
+                        (self.cfg.priority, &self.cfg.id),
+                        p,
+                        (self.peer_priority(), &self.cfg.peer_id),
+                    )
                 {
                     // Ours is detached and the peer's is a replica of nobody reachable (and
                     // holds no more than ours: if it does, its sidecar promotes it).

@@ -486,10 +486,15 @@ fn native_lane_down(client: &Client, f: &Forward) -> bool {
         return false;
     }
     let proto = client.session.borrow().proto;
-    match f.lane {
-        Lane::Shared(owner) if owner == core.idx => !core.lane(proto).is_connected(),
-        Lane::PeerShared => !core.peer_lane(proto).is_connected(),
-        _ => false,
+    let lane = match f.lane {
+        Lane::Shared(owner) if owner == core.idx => core.lane(proto),
+        Lane::PeerShared => core.peer_lane(proto),
+        _ => return false,
+    };
+    if f.write {
+        !lane.writable()
+    } else {
+        !lane.is_connected()
     }
 }
 

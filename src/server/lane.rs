@@ -114,6 +114,8 @@ pub(crate) struct Lane {
     /// The Redis this lane connects to.
     addr: SocketAddr,
     native: Option<LaneNative>,
+    /// Native mode: the run of the Redis the current connection reaches (`run_id_hash`).
+    run_id: std::cell::Cell<u64>,
     st: RefCell<LaneState>,
     wake_writer: Signal,
     wake_conn: Signal,
@@ -126,6 +128,7 @@ impl Lane {
             proto,
             addr,
             native,
+            run_id: std::cell::Cell::new(0),
             st: RefCell::new(LaneState {
                 connected: false,
                 stopping: false,
@@ -178,6 +181,15 @@ impl Lane {
     /// Whether the connection to Redis is up.
     pub fn is_connected(&self) -> bool {
         self.st.borrow().connected
+    }
+
+    /// Native mode: whether writes may use this connection now: it is up and reaches the run
+    /// of that Redis the control plane approved for writes.
+    pub fn writable(&self) -> bool {
+        match &self.native {
+            Some(n) => self.is_connected() && n.route.approved(n.side, self.run_id.get()),
+            None => self.is_connected(),
+        }
     }
 
     /// Stop reconnecting (graceful shutdown).
@@ -418,9 +430,23 @@ pub(crate) async fn run(lane: Rc<Lane>) {
             return;
         }
         match connect_redis(&cfg, lane.addr, lane.proto, 0).await {
-            Ok(stream) => {
+            Ok(mut stream) => {
                 if lane.proto == 2 && lane.addr == cfg.address {
                     learn_server_facts(&core).await;
+                }
+                if lane.native.is_some() {
+                    // Which run of that Redis this connection reaches: writes go only to the
+                    // run the control plane compared (a Redis restarted empty must not take
+                    // writes before that).
+                    let info =
+                        roundtrip(&mut stream, &[vec![b"INFO".to_vec(), b"server".to_vec()]], cfg.connect_timeout_ms)
+                            .await
+                            .ok()
+                            .and_then(|r| r.into_iter().next())
+                            .map(|r| String::from_utf8_lossy(&r).into_owned())
+                            .unwrap_or_default();
+                    let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim();
+                    lane.run_id.set(crate::route::run_id_hash(run_id));
                 }
                 if !was_up {
                     info!(core = core.idx, proto = lane.proto, "connected to Redis at {}", lane.addr);

@@ -425,6 +425,9 @@ impl Shell {
             Some(Side::Peer) => l.is_some_and(|l| !l.master && l.link_up),
             None => false,
         };
+        let _ = (l, p);
+        let vet = |side| Some(node.vetted_run(side)).filter(|r| !r.is_empty());
+        self.route.approve(vet(Side::Local), vet(Side::Peer));
         self.route.publish(route, replica_linked);
         if self.last_writes.get() != route.writes {
             self.last_writes.set(route.writes);
