@@ -1040,7 +1040,9 @@ impl Sim {
                     } else {
                         BTreeSet::new()
                     };
-                    let d = self.rng.range(5, 400);
+                    // The winner answers once its writes in flight have had their WAIT
+                    // answered (as the shell: ack_timeout after the hold).
+                    let d = if with_peer { WAIT_TIMEOUT + self.rng.range(5, 400) } else { self.rng.range(5, 400) };
                     tr!(
                         self,
                         "{}: merge starts: mine {:?}, peer's {:?}, completes in {d} ms",
@@ -1061,6 +1063,11 @@ impl Sim {
     fn complete_merge(&mut self, i: usize, peer_rec: BTreeSet<String>) {
         let now = self.now;
         let p = 1 - i;
+        // The winner's keys as they stand when it answers (after its WAITs in flight).
+        let peer_rec = match &self.cars[p].node {
+            Some(_) if !peer_rec.is_empty() || self.car_up(p) => self.cars[p].recorded.clone(),
+            _ => peer_rec,
+        };
         let ok = self.reach(i, i).is_ok() && self.reach(i, p).is_ok() && self.redis[p].master;
         if !ok {
             self.cars[i].node.as_mut().unwrap().merge_done(now, false);

@@ -384,8 +384,12 @@ async fn serve_peer_conn(shell: Rc<Shell>, mut stream: TcpStream) {
                         let now = shell.now();
                         shell.node.borrow_mut().on_merge_requested(now);
                         shell.publish(now);
-                        // Writes sent just before the hold get a moment to land.
-                        monoio::time::sleep(shell.poll).await;
+                        // Writes sent before the hold finish first: every WAIT in flight
+                        // answers within ack_timeout_ms (those unconfirmed are recorded, or
+                        // answered with an error now that the route changed), so none is
+                        // confirmed later by a replica whose copy the merge rewrote.
+                        let ack = shell.core.shared.cfg.replication.ack_timeout_ms;
+                        monoio::time::sleep(shell.poll + Duration::from_millis(ack)).await;
                         let (keys, overflow) = shell.route.snapshot_recorded();
                         let mut out = BytesMut::new();
                         resp::push_array_header(&mut out, 2);
