@@ -31,6 +31,10 @@ pub enum WriteTarget {
 pub struct Recorded {
     /// (database, key).
     pub keys: HashSet<(u32, Bytes)>,
+    /// Keys this side's clients wrote to the peer's Redis and that were acknowledged there
+    /// alone (its replica, ours, was not connected): their newest values are only there, so
+    /// a merge out of the peer's Redis must carry them too.
+    pub peer_written: HashSet<(u32, Bytes)>,
     /// More keys than `MAX_RECORDED_KEYS`, or a write whose keys are unknown (FLUSHALL, a
     /// module command): the merge must copy every key.
     pub overflow: bool,
@@ -171,15 +175,34 @@ impl NativeRoute {
     }
 
     /// A client of this side wrote `req` to the peer's Redis: its keys' newest values are
-    /// there now, so a merge must not copy this side's older values over them.
+    /// there now, so a merge must not copy this side's older values over them; and while
+    /// our Redis does not replicate the peer's, those values exist only there.
     pub fn forget_request(&self, db: u32, req: &crate::resp::Request) {
-        if !self.has_recorded.load(Ordering::Acquire) {
+        let alone = !self.replica_linked();
+        if !alone && !self.has_recorded.load(Ordering::Acquire) {
             return;
         }
         let Some(def) = crate::command::lookup(req) else { return };
         let Ok(mut r) = self.recorded.lock() else { return };
+        self.has_recorded.store(true, Ordering::Release);
         for i in crate::command::key_indices(def, req) {
-            r.keys.remove(&(db, Bytes::copy_from_slice(req.arg(i))));
+            let k = (db, Bytes::copy_from_slice(req.arg(i)));
+            r.keys.remove(&k);
+            if alone && r.peer_written.len() < MAX_RECORDED_KEYS {
+                r.peer_written.insert(k);
+            }
+        }
+    }
+
+    /// The keys written to the peer's Redis alone (for the peer's merge).
+    pub fn snapshot_peer_written(&self) -> Vec<(u32, Bytes)> {
+        self.recorded.lock().map(|r| r.peer_written.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Our Redis replicates the peer's again: the keys written there alone reached it.
+    pub fn clear_peer_written(&self) {
+        if let Ok(mut r) = self.recorded.lock() {
+            r.peer_written.clear();
         }
     }
 
@@ -191,8 +214,9 @@ impl NativeRoute {
     /// Forget the recorded keys.
     pub fn clear_recorded(&self) {
         if let Ok(mut r) = self.recorded.lock() {
-            *r = Recorded::default();
-            self.has_recorded.store(false, Ordering::Release);
+            r.keys.clear();
+            r.overflow = false;
+            self.has_recorded.store(!r.peer_written.is_empty(), Ordering::Release);
         }
     }
 

@@ -299,6 +299,8 @@ struct Sidecar {
     /// Changes of the write target so far (the shell's route generation), and the last one.
     route_gen: u64,
     last_writes: Option<Option<Side>>,
+    /// Keys this sidecar's clients wrote to the peer's Redis alone (see `route::Recorded`).
+    peer_written: BTreeSet<String>,
     paused: bool,
     recorded: BTreeSet<String>,
     next_poll: u64,
@@ -397,6 +399,7 @@ impl Sim {
             recorded: BTreeSet::new(),
             route_gen: 0,
             last_writes: None,
+            peer_written: BTreeSet::new(),
             next_poll: rng.range(0, 100),
             inbox: Vec::new(),
             restart_at: None,
@@ -1074,7 +1077,9 @@ impl Sim {
             tr!(self, "{}: merge failed (peer or a Redis unreachable, or the peer's Redis not primary)", NAMES[i]);
             return;
         }
-        let mine = self.cars[i].recorded.clone();
+        let mut mine = self.cars[i].recorded.clone();
+        // Keys the peer's clients wrote into our Redis alone are copied back too.
+        mine.extend(self.cars[p].peer_written.iter().cloned());
         let mut copied = Vec::new();
         for k in &mine {
             if peer_rec.contains(k) {
@@ -1142,8 +1147,13 @@ impl Sim {
                     if route.recording && side == Side::Local {
                         self.cars[car].recorded.insert(key);
                     } else if side == Side::Peer {
-                        // As the session: its newest value is on the peer's Redis now.
+                        // As the session: its newest value is on the peer's Redis now, and
+                        // only there while our Redis does not replicate it.
                         self.cars[car].recorded.remove(&key);
+                        let mine = &self.redis[car];
+                        if !(mine.alive && mine.follow == Some(1 - car) && mine.link_up) {
+                            self.cars[car].peer_written.insert(key);
+                        }
                     }
                     let j = target(car, side);
                     self.reqs.get_mut(&r).unwrap().sent_gen = self.cars[car].route_gen;
@@ -1380,6 +1390,7 @@ impl Sim {
                     self.lossy_keys.insert(k.clone());
                 }
                 self.cars[i].node = None;
+                self.cars[i].peer_written.clear();
                 self.cars[i].paused = false;
                 self.cars[i].resume_at = None;
                 self.cars[i].inbox.clear();
@@ -1456,6 +1467,10 @@ impl Sim {
         for i in 0..2 {
             let now = self.now;
             let w = self.cars[i].node.as_ref().map(|n| n.route(now).writes);
+            let mine = &self.redis[i];
+            if w.flatten() == Some(Side::Peer) && mine.alive && mine.follow == Some(1 - i) && mine.link_up {
+                self.cars[i].peer_written.clear();
+            }
             if self.cars[i].last_writes != Some(w.flatten()) || w.is_none() {
                 self.cars[i].route_gen += 1;
                 self.cars[i].last_writes = w.map(|_| w.flatten());
@@ -1623,7 +1638,6 @@ fn chaos() -> bool {
 }
 
 #[test]
-#[ignore = "work in progress: seeds still failing (run with --ignored)"]
 fn native_pair_simulation() {
     let strict = std::env::var("NATIVE_SIM_STRICT").is_ok_and(|v| v == "1");
     if let Ok(seed) = std::env::var("NATIVE_SIM_SEED") {

@@ -453,6 +453,7 @@ impl NativeNode {
             let peer_epoch = self.peer.as_ref().map(|(r, _)| r.epoch).unwrap_or(0);
             self.epoch = self.epoch.max(peer_epoch) + 1;
             self.primary = Some(Side::Peer);
+            self.vet(Side::Peer);
             self.recording = false;
             // The local Redis now syncs from the peer's current run on purpose: not a restart
             // to detach from.
@@ -579,11 +580,31 @@ impl NativeNode {
             // A (full) sync starts: until it completes the local copy is not the primary's.
             self.local_synced = false;
         }
+        if cmd == Command::FollowPeer {
+            // Compared just now: the peer's run holds at least what ours does.
+            self.vet(Side::Peer);
+        }
         self.last_cmd = Some((cmd.clone(), now));
         out.push(cmd);
     }
 
+    /// Writes may go to the run of `side`'s Redis observed now (it was just compared or
+    /// chosen); a later run (a restart) takes none until it is vetted again.
+    fn vet(&mut self, side: Side) {
+        let run = match side {
+            Side::Local => self.local.current().map(|i| i.run_id.clone()),
+            Side::Peer => self.peer_redis.current().map(|i| i.run_id.clone()),
+        };
+        if let Some(run) = run {
+            match side {
+                Side::Local => self.vetted.0 = run,
+                Side::Peer => self.vetted.1 = run,
+            }
+        }
+    }
+
     fn set_primary(&mut self, side: Side, why: &str) {
+        self.vet(side);
         if self.primary != Some(side) {
             self.epoch += 1;
             self.primary = Some(side);
@@ -664,6 +685,7 @@ impl NativeNode {
                         };
                         self.conflict_winner = Some(winner);
                         if winner == Side::Local {
+                            self.vet(Side::Local);
                             // Re-asserted: above every epoch the other side claimed, so that
                             // its reports from before the merge cannot outrank this one.
                             let theirs = peer.as_ref().map(|r| r.epoch).unwrap_or(0);
@@ -737,6 +759,9 @@ impl NativeNode {
             if outranks && theirs.is_some() && theirs != self.primary && !unsafe_to_follow {
                 self.epoch = r.epoch;
                 self.primary = theirs;
+                if let Some(side) = theirs {
+                    self.vet(side);
+                }
                 self.events
                     .push(format!("following {}'s decision: primary is {} (epoch {})", r.id, r.primary, r.epoch));
             } else if r.epoch > self.epoch {
@@ -758,10 +783,10 @@ impl NativeNode {
                 self.events.push("the local Redis restarted: comparing both histories before it takes writes".into());
             }
         }
-        self.vetted = (
-            l.as_ref().map(|i| i.run_id.clone()).unwrap_or_default(),
-            p.as_ref().map(|i| i.run_id.clone()).unwrap_or_default(),
-        );
+        // Our Redis replicating the peer's: the peer's run is the history ours holds.
+        if self.primary == Some(Side::Peer) && l.as_ref().is_some_and(|l| !l.master && l.link_up) {
+            self.vet(Side::Peer);
+        }
         let since = self.started;
         if self.primary.is_none() {
             self.form(now, &l, &p, peer_alive, &mut out);

@@ -391,13 +391,16 @@ async fn serve_peer_conn(shell: Rc<Shell>, mut stream: TcpStream) {
                         let ack = shell.core.shared.cfg.replication.ack_timeout_ms;
                         monoio::time::sleep(shell.poll + Duration::from_millis(ack)).await;
                         let (keys, overflow) = shell.route.snapshot_recorded();
+                        let into_peer = shell.route.snapshot_peer_written();
                         let mut out = BytesMut::new();
-                        resp::push_array_header(&mut out, 2);
+                        resp::push_array_header(&mut out, 3);
                         resp::push_int(&mut out, overflow as i64);
-                        resp::push_array_header(&mut out, keys.len() * 2);
-                        for (db, k) in &keys {
-                            resp::push_bulk(&mut out, db.to_string().as_bytes());
-                            resp::push_bulk(&mut out, k);
+                        for set in [&keys, &into_peer] {
+                            resp::push_array_header(&mut out, set.len() * 2);
+                            for (db, k) in set.iter() {
+                                resp::push_bulk(&mut out, db.to_string().as_bytes());
+                                resp::push_bulk(&mut out, k);
+                            }
                         }
                         out.freeze()
                     }
@@ -433,6 +436,10 @@ impl Shell {
         let vet = |side| Some(node.vetted_run(side)).filter(|r| !r.is_empty());
         self.route.approve(vet(Side::Local), vet(Side::Peer));
         self.route.publish(route, replica_linked);
+        if route.writes == Some(Side::Peer) && replica_linked {
+            // Our Redis replicates the peer's: what our clients wrote there alone reached us.
+            self.route.clear_peer_written();
+        }
         if self.last_writes.get() != route.writes {
             self.last_writes.set(route.writes);
             match route.writes {
@@ -636,13 +643,13 @@ async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
             None
         }
     };
-    let (their_overflow, theirs) = match link.as_mut() {
+    let (their_overflow, theirs, into_ours) = match link.as_mut() {
         Some(link) => {
             let reply = roundtrip(link, &[vec![b"RS.NMERGE".to_vec()]], timeout).await?;
             parse_merge_reply(reply.first().map(|b| &b[..]).unwrap_or(b""))
                 .ok_or_else(|| "the peer's RS.NMERGE answer is malformed".to_string())?
         }
-        None => (false, Vec::new()),
+        None => (false, Vec::new(), Vec::new()),
     };
     // Our own writes sent just before the hold get a moment to land.
     monoio::time::sleep(shell.poll).await;
@@ -655,6 +662,8 @@ async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
         warn!("the peer lost track of its partition writes: ours win every conflict");
     }
     let theirs: HashSet<(u32, Bytes)> = theirs.into_iter().collect();
+    // Keys the peer's clients wrote into our Redis alone count as ours to copy back.
+    let mine: HashSet<(u32, Bytes)> = mine.into_iter().chain(into_ours).collect();
     let mut copy = Vec::new();
     let mut conflicts = 0u64;
     for k in mine {
@@ -786,14 +795,24 @@ fn take_header<'a>(buf: &'a [u8], mark: u8) -> Option<(i64, &'a [u8])> {
     Some((n, rest.get(eol + 2..)?))
 }
 
-/// `*2 :overflow *[db key ...]`.
-fn parse_merge_reply(buf: &[u8]) -> Option<(bool, Vec<(u32, Bytes)>)> {
+/// `*3 :overflow *[db key ...] *[db key ...]`: the keys the winner recorded, and the keys
+/// its clients wrote into the loser's Redis alone.
+type MergeReply = (bool, Vec<(u32, Bytes)>, Vec<(u32, Bytes)>);
+
+fn parse_merge_reply(buf: &[u8]) -> Option<MergeReply> {
     let (n, rest) = take_header(buf, b'*')?;
-    if n != 2 {
+    if n != 3 {
         return None;
     }
     let (overflow, rest) = take_header(rest, b':')?;
-    let (count, mut rest) = take_header(rest, b'*')?;
+    let (recorded, rest) = take_keys(rest)?;
+    let (into_peer, _) = take_keys(rest)?;
+    Some((overflow != 0, recorded, into_peer))
+}
+
+/// `*[db key ...]` → the pairs, and the rest.
+fn take_keys(buf: &[u8]) -> Option<(Vec<(u32, Bytes)>, &[u8])> {
+    let (count, mut rest) = take_header(buf, b'*')?;
     let mut keys = Vec::with_capacity(count.max(0) as usize / 2);
     for _ in 0..count.max(0) / 2 {
         let (db, r) = take_bulk(rest)?;
@@ -802,7 +821,7 @@ fn parse_merge_reply(buf: &[u8]) -> Option<(bool, Vec<(u32, Bytes)>)> {
         keys.push((db, Bytes::copy_from_slice(key?)));
         rest = r;
     }
-    Some((overflow != 0, keys))
+    Some((keys, rest))
 }
 
 /// `*2 $cursor *[key ...]`.
@@ -829,16 +848,20 @@ mod tests {
     #[test]
     fn decodes_merge_and_scan_replies() {
         let mut out = BytesMut::new();
-        resp::push_array_header(&mut out, 2);
+        resp::push_array_header(&mut out, 3);
         resp::push_int(&mut out, 1);
         resp::push_array_header(&mut out, 4);
         for x in [b"0".as_slice(), b"k1", b"3", b"k\r\n2"] {
             resp::push_bulk(&mut out, x);
         }
-        let (overflow, keys) = parse_merge_reply(&out).unwrap();
+        resp::push_array_header(&mut out, 2);
+        resp::push_bulk(&mut out, b"1");
+        resp::push_bulk(&mut out, b"p");
+        let (overflow, keys, into) = parse_merge_reply(&out).unwrap();
         assert!(overflow);
         assert_eq!(keys, vec![(0, Bytes::from_static(b"k1")), (3, Bytes::from_static(b"k\r\n2"))]);
-        assert!(parse_merge_reply(b"*2\r\n:0\r\n*2\r\n$1\r\nx\r\n$1\r\nk\r\n").is_none(), "db must be a number");
+        assert_eq!(into, vec![(1, Bytes::from_static(b"p"))]);
+        assert!(parse_merge_reply(b"*3\r\n:0\r\n*2\r\n$1\r\nx\r\n$1\r\nk\r\n*0\r\n").is_none(), "db must be a number");
         let scan = b"*2\r\n$2\r\n17\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n";
         let (cursor, keys) = parse_scan(scan).unwrap();
         assert_eq!((cursor.as_slice(), keys.len()), (b"17".as_slice(), 2));
