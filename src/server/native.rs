@@ -53,9 +53,17 @@ struct Shell {
     /// The merge task is running.
     merging: Cell<bool>,
     last_writes: Cell<Option<Side>>,
+    /// When the replica last held everything the primary did (status: replica_lag_ms).
+    caught_up_at: Cell<u64>,
 }
 
 impl Shell {
+    /// How long an answer (INFO, a heartbeat) may take to count: well within the failover
+    /// timeout.
+    fn answer_timeout(&self) -> u64 {
+        (self.core.shared.cfg.replication.failover_timeout_ms / 3).max(50)
+    }
+
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -108,6 +116,7 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
         merges_failed: Cell::new(0),
         merging: Cell::new(false),
         last_writes: Cell::new(None),
+        caught_up_at: Cell::new(0),
     });
     monoio::spawn(serve_peer(shell.clone(), listener));
     match TcpListener::bind_with_config(cfg.node.admin_listen, &ListenerOpts::new().reuse_addr(true)) {
@@ -147,8 +156,7 @@ async fn observe_loop(shell: Rc<Shell>, side: Side) {
         Side::Local => shell.local_redis,
         Side::Peer => shell.peer_redis,
     };
-    // An answer must come well within the failover timeout to count.
-    let timeout = (cfg.replication.failover_timeout_ms / 3).max(50);
+    let timeout = shell.answer_timeout();
     let mut conn: Option<TcpStream> = None;
     let mut last_err = String::new();
     loop {
@@ -277,7 +285,7 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
 
 /// Send our report every interval; the reply is the peer's.
 async fn heartbeat_loop(shell: Rc<Shell>) {
-    let timeout = (shell.core.shared.cfg.replication.failover_timeout_ms / 3).max(50);
+    let timeout = shell.answer_timeout();
     let mut conn: Option<TcpStream> = None;
     let mut last_err = String::new();
     loop {
@@ -519,11 +527,22 @@ impl Shell {
             None => (None, None),
         };
         let lag = match (primary_info, replica_info) {
-            (Some(a), Some(b)) if !b.master => a.offset.saturating_sub(b.offset).to_string(),
-            _ => "-".into(),
+            (Some(a), Some(b)) if !b.master => Some(a.offset.saturating_sub(b.offset)),
+            _ => None,
         };
+        if lag == Some(0) {
+            self.caught_up_at.set(now);
+        }
         let _ = writeln!(s, "replica_link:{}", if replica_linked { "up" } else { "down" });
-        let _ = writeln!(s, "replica_lag_bytes:{lag}");
+        let _ = writeln!(s, "replica_lag_bytes:{}", lag.map_or("-".to_string(), |l| l.to_string()));
+        // How long since the replica last held everything the primary did (as both were
+        // polled; up to one poll interval of skew).
+        let lag_ms = match lag {
+            Some(0) => "0".to_string(),
+            Some(_) => now.saturating_sub(self.caught_up_at.get()).to_string(),
+            None => "-".into(),
+        };
+        let _ = writeln!(s, "replica_lag_ms:{lag_ms}");
         let (recorded, overflow) = self.route.recorded_count();
         let _ = writeln!(s, "recording:{}", route.recording as u8);
         let _ = writeln!(s, "recorded_keys:{recorded}{}", if overflow { " overflow=1" } else { "" });
