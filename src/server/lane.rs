@@ -101,6 +101,8 @@ struct LaneState {
     unflushed_writes: usize,
     /// Replies waiting for their batch's WAIT: (sink, reply, write).
     held: Vec<(Sink, Bytes, Option<(u32, Bytes)>)>,
+    /// WAITs sent and not answered on this connection.
+    waits_in_flight: usize,
     /// Replies received on this connection (the stall detector watches it move).
     replies_seen: u64,
     /// Why the current connection must be abandoned (set by the timeout check).
@@ -140,6 +142,7 @@ impl Lane {
                 unflushed: 0,
                 unflushed_writes: 0,
                 held: Vec::new(),
+                waits_in_flight: 0,
                 replies_seen: 0,
                 broken: None,
             }),
@@ -220,6 +223,7 @@ impl Lane {
         let mut st = self.st.borrow_mut();
         st.unflushed = 0;
         st.unflushed_writes = 0;
+        st.waits_in_flight = 0;
     }
 
     /// A reply arrived for the oldest pending request.
@@ -229,7 +233,13 @@ impl Lane {
             Mark::Held => self.st.borrow_mut().held.push((p.sink, reply, p.write)),
             Mark::Wait(generation) => {
                 let confirmed = resp::integer_reply(&reply).is_some_and(|n| n >= 1);
-                let held = std::mem::take(&mut self.st.borrow_mut().held);
+                let held = {
+                    let mut st = self.st.borrow_mut();
+                    st.waits_in_flight = st.waits_in_flight.saturating_sub(1);
+                    std::mem::take(&mut st.held)
+                };
+                // What collected behind this WAIT goes now.
+                self.wake_writer.notify();
                 for (sink, r, write) in held {
                     match (&write, &self.native) {
                         (Some((db, frame)), Some(n)) if !confirmed && !resp::is_error(&r) => {
@@ -286,6 +296,7 @@ impl LaneState {
                         p.mark = Mark::Held;
                     }
                     self.push_frame(w);
+                    self.waits_in_flight += 1;
                     let generation = native.map(|n| n.route.generation()).unwrap_or(0);
                     self.sinks.push_back(Pending { sink: Sink::Discard, mark: Mark::Wait(generation), write: None });
                 }
@@ -544,6 +555,18 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
 async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
     loop {
         let wait = lane.native.as_ref().and_then(|n| n.wait.as_ref().filter(|_| n.route.replica_linked()));
+        if wait.is_some() {
+            let st = lane.st.borrow();
+            if st.waits_in_flight > 0 && st.unflushed_writes > 0 {
+                // Redis blocks this connection in WAIT until the replica answers: a batch
+                // sent now would only queue behind it. Keep collecting instead, and send
+                // everything gathered meanwhile with one WAIT when the last one answers
+                // (batches grow with the load; an idle lane sends at once).
+                drop(st);
+                lane.wake_writer.wait().await;
+                continue;
+            }
+        }
         let chunks = lane.st.borrow_mut().take_out(wait, lane.native.as_ref());
         if chunks.is_empty() {
             lane.wake_writer.wait().await;
