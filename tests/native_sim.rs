@@ -1100,9 +1100,11 @@ impl Sim {
         self.follow(i, p);
         self.cars[i].recorded.clear();
         self.cars[i].node.as_mut().unwrap().merge_done(now, true);
-        // RS.NMERGED: the winner stops holding its writes.
+        // RS.NMERGED: the winner stops holding its writes, and forgets the keys its clients
+        // wrote into the loser's Redis alone (just copied back).
         if let Some(n) = self.cars[p].node.as_mut() {
             n.on_merge_finished();
+            self.cars[p].peer_written.clear();
         }
         self.stats.merges += 1;
         tr!(self, "{}: merge done: copied {copied:?} into {}", NAMES[i], Self::rname(p));

@@ -937,14 +937,18 @@ impl NativeNode {
         match (l, p) {
             (Some(l), Some(p)) if p.master => {
                 if l.master {
+                    let diverged_fork = compare(l, p) == Holds::Diverged && related(l, p);
                     match compare(l, p) {
+                        // Two forks of one history: ours merges its tail into the primary
+                        // (below) instead of becoming a second primary on a longer tail.
                         Holds::First | Holds::Diverged
-                            if first_should_lead(
-                                l,
-                                (self.cfg.priority, &self.cfg.id),
-                                p,
-                                (self.peer_priority(), &self.cfg.peer_id),
-                            ) =>
+                            if !diverged_fork
+                                && first_should_lead(
+                                    l,
+                                    (self.cfg.priority, &self.cfg.id),
+                                    p,
+                                    (self.peer_priority(), &self.cfg.peer_id),
+                                ) =>
                         {
                             // The primary came back holding less (restarted empty or from an
                             // old snapshot): ours is the copy to keep.

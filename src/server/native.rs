@@ -414,6 +414,9 @@ async fn serve_peer_conn(shell: Rc<Shell>, mut stream: TcpStream) {
                     }
                     b"RS.NMERGED" => {
                         shell.node.borrow_mut().on_merge_finished();
+                        // What our clients wrote into the peer's Redis alone was just copied
+                        // back here with its merge.
+                        shell.route.clear_peer_written();
                         shell.publish(shell.now());
                         resp::simple("OK")
                     }
