@@ -463,9 +463,8 @@ impl NativeNode {
             self.detached = false;
             self.events.push(format!("partition merge done: following {} (epoch {})", self.cfg.peer_id, self.epoch));
         } else {
-            self.events.push("partition merge failed; retrying".into());
             // Retried by the next tick (the conflict is still there).
-            let _ = now;
+            self.events.push(format!("partition merge failed at {now} ms; retrying"));
         }
     }
 
@@ -754,7 +753,7 @@ impl NativeNode {
             // merge choose between two of our own writes.
             let unsafe_to_follow = theirs == Some(Side::Peer)
                 && self.primary == Some(Side::Local)
-                && ((l.as_ref().is_some_and(|l| l.master) && !p.as_ref().is_some_and(|p| !p.master))
+                && ((l.as_ref().is_some_and(|l| l.master) && p.as_ref().is_none_or(|p| p.master))
                     || (l.is_none() && self.recording));
             if outranks && theirs.is_some() && theirs != self.primary && !unsafe_to_follow {
                 self.epoch = r.epoch;
@@ -816,8 +815,7 @@ impl NativeNode {
                                             && p.second_offset as u64 > confirmed)
                                 })
                             };
-                            if let Some(p) = p.as_ref().filter(|p| p.master && !follows_ours(p)) {
-                                let _ = p;
+                            if p.as_ref().is_some_and(|p| p.master && !follows_ours(p)) {
                                 if !self.holding_for_local {
                                     self.holding_for_local = true;
                                     self.events.push(
@@ -986,7 +984,6 @@ impl NativeNode {
             }
             (Some(l), Some(p)) => {
                 // Neither is serving as primary (both replicas).
-                let _ = p;
                 if !l.master {
                     if first_should_lead(
                         l,

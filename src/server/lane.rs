@@ -56,6 +56,9 @@ pub(crate) fn deliver_to(core: &Core, sink: Sink, reply: Bytes) {
     }
 }
 
+/// A write's database and frame (its keys are recorded if its WAIT is not confirmed).
+type Write = (u32, Bytes);
+
 /// A request waiting for its reply.
 struct Pending {
     sink: Sink,
@@ -100,7 +103,7 @@ struct LaneState {
     unflushed: usize,
     unflushed_writes: usize,
     /// Replies waiting for their batch's WAIT: (sink, reply, write).
-    held: Vec<(Sink, Bytes, Option<(u32, Bytes)>)>,
+    held: Vec<(Sink, Bytes, Option<Write>)>,
     /// WAITs sent and not answered on this connection.
     waits_in_flight: usize,
     /// Replies received on this connection (the stall detector watches it move).
@@ -555,17 +558,17 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
 async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
     loop {
         let wait = lane.native.as_ref().and_then(|n| n.wait.as_ref().filter(|_| n.route.replica_linked()));
-        if wait.is_some() {
+        // Redis blocks this connection in WAIT until the replica answers: a batch sent now
+        // would only queue behind it. Keep collecting instead, and send everything gathered
+        // meanwhile with one WAIT when the last one answers (batches grow with the load; an
+        // idle lane sends at once).
+        let collect = wait.is_some() && {
             let st = lane.st.borrow();
-            if st.waits_in_flight > 0 && st.unflushed_writes > 0 {
-                // Redis blocks this connection in WAIT until the replica answers: a batch
-                // sent now would only queue behind it. Keep collecting instead, and send
-                // everything gathered meanwhile with one WAIT when the last one answers
-                // (batches grow with the load; an idle lane sends at once).
-                drop(st);
-                lane.wake_writer.wait().await;
-                continue;
-            }
+            st.waits_in_flight > 0 && st.unflushed_writes > 0
+        };
+        if collect {
+            lane.wake_writer.wait().await;
+            continue;
         }
         let chunks = lane.st.borrow_mut().take_out(wait, lane.native.as_ref());
         if chunks.is_empty() {

@@ -443,7 +443,6 @@ impl Shell {
             Some(Side::Peer) => l.is_some_and(|l| !l.master && l.link_up),
             None => false,
         };
-        let _ = (l, p);
         let vet = |side| Some(node.vetted_run(side)).filter(|r| !r.is_empty());
         self.route.approve(vet(Side::Local), vet(Side::Peer));
         self.route.publish(route, replica_linked);
@@ -810,7 +809,7 @@ fn take_bulk(buf: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
     Some((Some(v), after))
 }
 
-fn take_header<'a>(buf: &'a [u8], mark: u8) -> Option<(i64, &'a [u8])> {
+fn take_header(buf: &[u8], mark: u8) -> Option<(i64, &[u8])> {
     let rest = buf.strip_prefix(&[mark])?;
     let eol = memchr::memchr(b'\r', rest)?;
     let n = resp::parse_int(&rest[..eol])?;
@@ -819,7 +818,7 @@ fn take_header<'a>(buf: &'a [u8], mark: u8) -> Option<(i64, &'a [u8])> {
 
 /// `*3 :overflow *[db key ...] *[db key ...]`: the keys the winner recorded, and the keys
 /// its clients wrote into the loser's Redis alone.
-type MergeReply = (bool, Vec<(u32, Bytes)>, Vec<(u32, Bytes)>);
+type MergeReply = (bool, DbKeys, DbKeys);
 
 fn parse_merge_reply(buf: &[u8]) -> Option<MergeReply> {
     let (n, rest) = take_header(buf, b'*')?;
@@ -832,8 +831,11 @@ fn parse_merge_reply(buf: &[u8]) -> Option<MergeReply> {
     Some((overflow != 0, recorded, into_peer))
 }
 
+/// `(database, key)` pairs.
+type DbKeys = Vec<(u32, Bytes)>;
+
 /// `*[db key ...]` → the pairs, and the rest.
-fn take_keys(buf: &[u8]) -> Option<(Vec<(u32, Bytes)>, &[u8])> {
+fn take_keys(buf: &[u8]) -> Option<(DbKeys, &[u8])> {
     let (count, mut rest) = take_header(buf, b'*')?;
     let mut keys = Vec::with_capacity(count.max(0) as usize / 2);
     for _ in 0..count.max(0) / 2 {
