@@ -310,7 +310,8 @@ pub struct Session {
     queued_db: Option<u32>,
     /// Pair mode: WATCH is held by the writer's sequencer.
     pair_watching: bool,
-    /// Native mode: this client's reads go to the primary (it wrote with `write_ack = "local"`).
+    /// Pair mode with `write_ack = "local"`: this client wrote, so its reads go to the
+    /// primary (native) or the writer (mirror), where its writes are known to be.
     read_at_primary: bool,
     /// Inside MULTI on the dedicated connection: a queued command writes.
     multi_wrote: bool,
@@ -447,6 +448,14 @@ impl Session {
     /// or `Hold`.
     pub fn on_request(&mut self, req: &Request, env: &SessionEnv) -> Action {
         let action = self.decide(req, env);
+        if let Action::Forward(f) = &action {
+            if env.pair && env.write_ack_local && f.lane == Lane::Writer && f.write {
+                // Mirror mode, write_ack = "local": the write is acknowledged once the
+                // writer's Redis has it; this node's Redis may not yet. The client's reads go
+                // to the writer from now on, so that they see its own writes (invariant 2).
+                self.read_at_primary = true;
+            }
+        }
         if let (Some(n), Action::Forward(f)) = (&env.native, &action) {
             // Native mode, possibly cut off from the other side: remember what this side's
             // clients write to this side's Redis, for the partition merge (N6).
@@ -634,7 +643,10 @@ impl Session {
         let write = if env.pair { command::replicates(def, req) } else { command::is_write(def) };
         // A client that WATCHes reads at the writer: what it reads is then at least as new as
         // its watch point whatever `write_ack` is.
-        let local = if env.pair && (self.pair_watching || !env.local_in_sync.load(std::sync::atomic::Ordering::Relaxed))
+        let local = if env.pair
+            && (self.pair_watching
+                || self.read_at_primary
+                || !env.local_in_sync.load(std::sync::atomic::Ordering::Relaxed))
         {
             Lane::Writer
         } else {
