@@ -23,6 +23,7 @@ use super::io::read_more;
 use super::lane::{connect_redis, roundtrip, Sink};
 use super::stall::{tick_for, StallClock};
 use super::{Core, CoreMsg, Signal};
+use crate::replication::native::Side;
 use crate::resp::{self, ReplySkimmer, RequestParser};
 use crate::session::{Action, ClientInfo, ClientQuery, DedicatedUse, Forward, Lane, Session, Tag};
 
@@ -348,6 +349,8 @@ struct Dedicated {
     proto: u8,
     /// Native mode: it goes to the peer's Redis.
     peer: bool,
+    /// Native mode: the run of that Redis it reaches.
+    run: u64,
 }
 
 async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
@@ -555,6 +558,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                     let _ = wr.shutdown().await;
                 });
             }
+            let fresh = dedicated.is_none();
             if dedicated.is_none() {
                 // A spare connection in db 0 goes out with no round trip; SELECT and HELLO are
                 // then sent in the same write as the command. Not for a command Redis runs
@@ -581,6 +585,32 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                         return;
                     }
                 }
+            }
+            // Native mode: a connection opened now must reach the run of that Redis the
+            // control plane decided on (a Redis restarted empty takes nothing before it was
+            // compared).
+            let unvetted = fresh
+                && f.dedicated != DedicatedUse::Raw
+                && dedicated.as_ref().is_some_and(|d| {
+                    let side = if d.peer { Side::Peer } else { Side::Local };
+                    core.shared.native.as_ref().is_some_and(|n| !n.approved(side, d.run))
+                });
+            if unvetted {
+                if let Some(d) = dedicated.take() {
+                    d.link.retired.set(true);
+                    monoio::spawn(async move {
+                        let mut wr = d.wr;
+                        let _ = wr.shutdown().await;
+                    });
+                }
+                client.core.shared.upstream_ids.set(client.id, None);
+                let seq = client.push_pending(Some(f.tag), f.discard);
+                client.session.borrow_mut().dedicated_lost();
+                client.fill(
+                    seq,
+                    resp::error("TRYAGAIN resplica: that Redis restarted and is being compared with its peer; retry"),
+                );
+                return;
             }
             let Some(d) = dedicated.as_mut() else { return };
             let mut frames = BytesMut::new();
@@ -669,9 +699,19 @@ async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedic
 async fn connect_spare(core: &Core, addr: std::net::SocketAddr, proto: u8, db: u32) -> Result<WarmConn, String> {
     let mut stream = connect_redis(&core.shared.cfg.redis, addr, proto, db).await?;
     let timeout = core.shared.cfg.redis.connect_timeout_ms;
-    let replies = roundtrip(&mut stream, &[vec![b"CLIENT".to_vec(), b"ID".to_vec()]], timeout).await?;
+    let mut cmds = vec![vec![b"CLIENT".to_vec(), b"ID".to_vec()]];
+    if core.shared.native.is_some() {
+        // Which run of that Redis it reaches (see `Lane::writable`).
+        cmds.push(vec![b"INFO".to_vec(), b"server".to_vec()]);
+    }
+    let replies = roundtrip(&mut stream, &cmds, timeout).await?;
     let upstream_id = replies.first().and_then(|r| resp::integer_reply(r)).filter(|&i| i > 0).map(|i| i as u64);
-    Ok(WarmConn { stream, upstream_id })
+    let run = replies
+        .get(1)
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("run_id:")).map(|r| crate::route::run_id_hash(r.trim())))
+        .unwrap_or(0);
+    Ok(WarmConn { stream, upstream_id, run })
 }
 
 /// A connected, authenticated upstream connection not yet given to a client.
@@ -679,10 +719,13 @@ pub(crate) struct WarmConn {
     stream: TcpStream,
     /// Redis's id for it (`CLIENT ID`).
     upstream_id: Option<u64>,
+    /// Native mode: the run of the Redis it reaches (`route::run_id_hash`; 0: unknown).
+    run: u64,
 }
 
 /// Make `conn` the client's dedicated connection: start its reader and stall watch.
 fn adopt_dedicated(client: &Rc<Client>, conn: WarmConn, db: u32, proto: u8, peer: bool) -> Dedicated {
+    let run = conn.run;
     client.core.shared.upstream_ids.set(client.id, conn.upstream_id);
     let (rd, wr) = conn.stream.into_split();
     let link = Rc::new(DedicatedLink {
@@ -695,7 +738,7 @@ fn adopt_dedicated(client: &Rc<Client>, conn: WarmConn, db: u32, proto: u8, peer
     monoio::spawn(dedicated_reader(client.clone(), rd, link.clone()));
     let limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     monoio::spawn(dedicated_stall_watch(link.clone(), limit));
-    Dedicated { wr, link, db, proto, peer }
+    Dedicated { wr, link, db, proto, peer, run }
 }
 
 /// Spare dedicated connections kept per core.
