@@ -1,8 +1,9 @@
 //! Native mode's routing facts, published by the control plane (core 0's `server::native`)
 //! for every core's sessions and lanes: where writes go, whether reads may stay local, whether
 //! `WAIT` is worth sending, and the keys recorded while this side may be cut off (DESIGN.md
-//! N3, N4, N6). Atomics on the data path; the recorded-key set is locked only while recording
-//! or after an unconfirmed write. This module decides nothing (`replication::native` does).
+//! N3, N4, N6). Atomics on the data path; the recorded-key set is locked only while recording,
+//! after an unconfirmed write, and for writes sent to the peer's Redis while keys are recorded
+//! or our Redis does not replicate it. This module decides nothing (`replication::native` does).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};

@@ -243,8 +243,8 @@ pub struct SessionEnv {
     pub local_in_sync: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Native mode: where writes and reads go, published by the control plane.
     pub native: Option<std::sync::Arc<crate::route::NativeRoute>>,
-    /// Native mode with `write_ack = "local"`: a client that wrote reads at the primary
-    /// (its replica may not have the write yet).
+    /// A pair with `write_ack = "local"`: a client that wrote through the other node reads
+    /// there from then on (this node's Redis may not have the write yet).
     pub write_ack_local: bool,
 }
 
@@ -448,19 +448,20 @@ impl Session {
     /// or `Hold`.
     pub fn on_request(&mut self, req: &Request, env: &SessionEnv) -> Action {
         let action = self.decide(req, env);
-        if let Action::Forward(f) = &action {
-            if env.pair && env.write_ack_local && f.lane == Lane::Writer && f.write {
-                // Mirror mode, write_ack = "local": the write is acknowledged once the
-                // writer's Redis has it; this node's Redis may not yet. The client's reads go
-                // to the writer from now on, so that they see its own writes (invariant 2).
-                self.read_at_primary = true;
-            }
+        let Action::Forward(f) = &action else { return action };
+        if env.write_ack_local && f.write && matches!(f.lane, Lane::Writer | Lane::PeerShared) {
+            // A pair with write_ack = "local": the write is acknowledged once the other
+            // node's Redis (the writer's, the primary) has it; this node's may not yet. The
+            // client's reads go there from now on, so that they see its own writes (N2, M2).
+            self.read_at_primary = true;
         }
-        if let (Some(n), Action::Forward(f)) = (&env.native, &action) {
+        if let Some(n) = &env.native {
             // Native mode, possibly cut off from the other side: remember what this side's
-            // clients write to this side's Redis, for the partition merge (N6).
+            // clients write where, for the partition merge (N6).
             if f.lane == Lane::PeerShared {
-                n.forget_request(f.db, req);
+                if f.write {
+                    n.forget_request(f.db, req);
+                }
             } else if n.recording() && command::is_write(command::lookup(req)) {
                 n.record_request(f.db, req);
             }
@@ -638,7 +639,7 @@ impl Session {
     /// of this client's in-flight commands.
     fn route(&mut self, req: &Request, def: Option<&'static CommandDef>, env: &SessionEnv) -> Action {
         if let Some(n) = &env.native {
-            return self.route_native(req, def, env, n);
+            return self.route_native(req, def, n);
         }
         let write = if env.pair { command::replicates(def, req) } else { command::is_write(def) };
         // A client that WATCHes reads at the writer: what it reads is then at least as new as
@@ -710,7 +711,6 @@ impl Session {
         &mut self,
         req: &Request,
         def: Option<&'static CommandDef>,
-        env: &SessionEnv,
         n: &crate::route::NativeRoute,
     ) -> Action {
         use crate::route::WriteTarget;
@@ -728,9 +728,6 @@ impl Session {
         };
         if !self.inflight.only_on(lane) {
             return Action::Wait;
-        }
-        if write && env.write_ack_local && lane == Lane::PeerShared {
-            self.read_at_primary = true;
         }
         self.forward(req, lane, Scope::All, DedicatedUse::No, def)
     }

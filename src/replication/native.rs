@@ -185,8 +185,6 @@ struct Observed {
     prev_run_id: String,
     /// The run_id changed since the node last looked (see `NativeNode::tick`).
     restarted: bool,
-    /// The run_id changed since the last check of the local copy's sync state.
-    restarted_since_sync: bool,
 }
 
 impl Observed {
@@ -209,7 +207,6 @@ impl Observed {
                     if old.run_id != info.run_id {
                         self.prev_run_id = old.run_id.clone();
                         self.restarted = true;
-                        self.restarted_since_sync = true;
                     }
                 }
                 self.info = Some(info);
@@ -283,16 +280,9 @@ impl PeerReport {
     }
 }
 
-/// What to do when the peer cannot be reached at start (DESIGN.md N5's lone-start rule).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoneStart {
-    /// After `failover_timeout_ms` with neither the peer's sidecar nor its Redis answering,
-    /// serve from the local Redis as primary, recording the keys written (merged when the peer
-    /// returns, as after a partition). Availability first.
-    AfterTimeout,
-    /// Never serve alone: wait until the peer's Redis or sidecar answers.
-    Never,
-}
+/// What to do when the peer cannot be reached at start (DESIGN.md N5's lone-start rule):
+/// `[replication] lone_start`.
+pub use crate::config::LoneStart;
 
 /// The control plane's settings.
 #[derive(Debug, Clone)]
@@ -532,11 +522,6 @@ impl NativeNode {
         self.peer.as_ref().is_some_and(|(_, at)| now.saturating_sub(*at) < within)
     }
 
-    /// The last report of the peer sidecar, if any.
-    pub fn peer_report(&self) -> Option<&PeerReport> {
-        self.peer.as_ref().map(|(r, _)| r)
-    }
-
     /// The last `INFO` of the local and the peer's Redis that answered the last poll.
     pub fn observed(&self) -> (Option<&ReplInfo>, Option<&ReplInfo>) {
         (self.local.current(), self.peer_redis.current())
@@ -631,7 +616,8 @@ impl NativeNode {
         let cut_off = !self.peer_heard_within(now, ft / 2);
         let l = self.local.current().cloned();
         let p = self.peer_redis.current().cloned();
-        if std::mem::take(&mut self.local.restarted_since_sync) {
+        let local_restarted = std::mem::take(&mut self.local.restarted);
+        if local_restarted {
             self.local_synced = false;
         }
         if l.as_ref().is_some_and(|l| !l.master && l.link_up && !l.syncing) {
@@ -771,7 +757,7 @@ impl NativeNode {
         // Our Redis restarted (empty or from a snapshot of unknown age) while it was the
         // primary: compare both histories again before sending it writes (N5); a copy that
         // came back holding less must not take writes and then win as "diverged".
-        if std::mem::take(&mut self.local.restarted) {
+        if local_restarted {
             // The keys recorded were written to the previous run: what this one holds of them
             // is older (a snapshot) or nothing; copying it in a merge could only overwrite
             // newer values.

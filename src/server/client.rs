@@ -325,8 +325,9 @@ enum Owed {
     Reply { seq: u64, blocking: bool },
     /// Native, `write_ack = "all"`: the reply to `seq`, held until the `WAIT` after it answers.
     Acked { seq: u64, blocking: bool },
-    /// That `WAIT`; `peer`: the connection goes to the peer's Redis.
-    Wait { peer: bool },
+    /// That `WAIT`; `peer`: the connection goes to the peer's Redis; `generation`: the route's
+    /// when it was sent.
+    Wait { peer: bool, generation: u64 },
 }
 
 /// State shared between the client's reader (which writes requests), the dedicated
@@ -647,7 +648,8 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 let mut owed = d.link.owed.borrow_mut();
                 if wait.is_some() {
                     owed.push_back(Owed::Acked { seq, blocking });
-                    owed.push_back(Owed::Wait { peer: d.peer });
+                    let generation = core.shared.native.as_ref().map_or(0, |n| n.generation());
+                    owed.push_back(Owed::Wait { peer: d.peer, generation });
                 } else {
                     owed.push_back(Owed::Reply { seq, blocking });
                 }
@@ -793,25 +795,6 @@ async fn dedicated_stall_watch(link: Rc<DedicatedLink>, limit: std::time::Durati
     }
 }
 
-/// Native, `write_ack = "all"`: the reply a client gets for a write whose `WAIT` answered.
-/// Unconfirmed on the local Redis: acknowledged (its keys are unknown here, so a partition
-/// merge must copy every key); on the peer's: an error, since it may be lost.
-fn ack_outcome(core: &Core, confirmed: bool, peer: bool, reply: bytes::Bytes) -> bytes::Bytes {
-    if confirmed || resp::is_error(&reply) {
-        return reply;
-    }
-    let Some(route) = &core.shared.native else { return reply };
-    route.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
-    if peer {
-        resp::error(
-            "ERR resplica: the write reached the primary but its replica did not confirm it in time; it may be lost if the primary fails",
-        )
-    } else {
-        route.record(0, None::<std::iter::Empty<&[u8]>>);
-        reply
-    }
-}
-
 async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, link: Rc<DedicatedLink>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     // Replies waiting for the WAIT behind them.
@@ -842,10 +825,17 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
                     match next {
                         Some(Owed::Reply { seq, .. }) => client.fill(seq, reply),
                         Some(Owed::Acked { seq, .. }) => held.push_back((seq, reply)),
-                        Some(Owed::Wait { peer }) => {
+                        Some(Owed::Wait { peer, generation }) => {
                             let confirmed = resp::integer_reply(&reply).is_some_and(|n| n >= 1);
                             if let Some((seq, r)) = held.pop_front() {
-                                client.fill(seq, ack_outcome(&client.core, confirmed, peer, r));
+                                let r = match &client.core.shared.native {
+                                    Some(route) if !confirmed => {
+                                        let side = if peer { Side::Peer } else { Side::Local };
+                                        super::lane::unconfirmed(route, side, generation, None, r)
+                                    }
+                                    _ => r,
+                                };
+                                client.fill(seq, r);
                             }
                         }
                         Some(Owed::Setup) => {

@@ -5,7 +5,8 @@
 //!
 //! In a native-mode pair with `write_ack = "all"`, every batch that carries a write ends with
 //! `WAIT 1 <ack_timeout_ms>` on the same connection (one wait per batch, DESIGN.md N3): the
-//! batch's replies are held until the WAIT answers.
+//! batch's replies are held until the WAIT answers, and writes queued meanwhile leave together
+//! with the next WAIT once it does (Redis blocks the connection in WAIT anyway).
 //!
 //! The lane owns reconnecting (with capped exponential backoff) and the request timeout: when
 //! Redis is down or stalls, every waiting sender gets a clear `-ERR` instead of a hang.
@@ -57,15 +58,44 @@ pub(crate) fn deliver_to(core: &Core, sink: Sink, reply: Bytes) {
 }
 
 /// A write's database and frame (its keys are recorded if its WAIT is not confirmed).
-type Write = (u32, Bytes);
+pub(crate) type Write = (u32, Bytes);
+
+/// Native, `write_ack = "all"`: what a client gets for a write whose `WAIT` came back 0. On
+/// the local Redis, while the route is what it was when the write was sent (`generation`):
+/// the reply, its keys recorded for a partition merge (N6; `None`: keys unknown, every key);
+/// on the peer's Redis, or after the route changed (a merge that needed the key may have
+/// run): an error, since the write may be lost.
+pub(crate) fn unconfirmed(
+    route: &NativeRoute,
+    side: Side,
+    generation: u64,
+    write: Option<Write>,
+    reply: Bytes,
+) -> Bytes {
+    if resp::is_error(&reply) {
+        return reply;
+    }
+    route.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
+    let unchanged = route.generation() == generation && route.writes() == crate::route::WriteTarget::Local;
+    if side == Side::Local && unchanged {
+        match write {
+            Some((db, frame)) => route.record_frame(db, &frame),
+            None => route.record(0, None::<std::iter::Empty<&[u8]>>),
+        }
+        reply
+    } else {
+        resp::error(
+            "ERR resplica: the write reached the primary but its replica did not confirm it in time; it may be lost if the primary fails",
+        )
+    }
+}
 
 /// A request waiting for its reply.
 struct Pending {
     sink: Sink,
     mark: Mark,
-    /// Native, `write_ack = "all"`: a write's database and frame (its keys are recorded if
-    /// the replica does not confirm it).
-    write: Option<(u32, Bytes)>,
+    /// Native, `write_ack = "all"`: the write, when it is one.
+    write: Option<Write>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -244,29 +274,11 @@ impl Lane {
                 // What collected behind this WAIT goes now.
                 self.wake_writer.notify();
                 for (sink, r, write) in held {
-                    match (&write, &self.native) {
-                        (Some((db, frame)), Some(n)) if !confirmed && !resp::is_error(&r) => {
-                            n.route.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
-                            let unchanged = n.route.generation() == generation
-                                && n.route.writes() == crate::route::WriteTarget::Local;
-                            if n.side == Side::Local && unchanged {
-                                // Acknowledged on this side's Redis alone: if the other side
-                                // takes over, the partition merge brings it back (N6). Not
-                                // when the route changed since it was sent: the merge that
-                                // needed the key may already have run.
-                                n.route.record_frame(*db, frame);
-                                self.deliver(sink, r);
-                            } else {
-                                self.deliver(
-                                    sink,
-                                    resp::error(
-                                        "ERR resplica: the write reached the primary but its replica did not confirm it in time; it may be lost if the primary fails",
-                                    ),
-                                );
-                            }
-                        }
-                        _ => self.deliver(sink, r),
-                    }
+                    let reply = match (write, &self.native) {
+                        (Some(w), Some(n)) if !confirmed => unconfirmed(&n.route, n.side, generation, Some(w), r),
+                        _ => r,
+                    };
+                    self.deliver(sink, reply);
                 }
             }
         }

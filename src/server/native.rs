@@ -5,8 +5,9 @@
 //!
 //! Peer link (`peer_listen`, RESP): `RS.NAUTH <secret> <node>` first, then
 //! - `RS.NHB <report>`: heartbeat; the reply is the receiver's report;
-//! - `RS.NMERGE`: the loser of a partition is about to copy its writes here: hold writes and
-//!   answer with the keys recorded on this side (`*2 :overflow *[db key ...]`);
+//! - `RS.NMERGE`: the loser of a partition is about to copy its writes here: hold writes,
+//!   let the WAITs in flight answer, and name the keys recorded on this side and those its
+//!   clients wrote into the loser's Redis alone (`*3 :overflow *[db key ...] *[db key ...]`);
 //! - `RS.NMERGED`: the merge finished; writes flow again.
 
 use std::cell::{Cell, RefCell};
@@ -25,9 +26,7 @@ use super::io::read_more;
 use super::lane::{connect_redis, roundtrip};
 use super::Core;
 use crate::config::WriteAck;
-use crate::replication::native::{
-    Command, LoneStart, NativeConfig, NativeNode, PeerReport, ReplInfo, Side, Unreachable,
-};
+use crate::replication::native::{Command, NativeConfig, NativeNode, PeerReport, ReplInfo, Side, Unreachable};
 use crate::resp::{self, Request, RequestParser};
 use crate::route::NativeRoute;
 
@@ -91,10 +90,7 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
         peer_id: peer.id.clone(),
         peer_priority: peer.priority.unwrap_or(0),
         failover_timeout_ms: rc.failover_timeout_ms,
-        lone_start: match rc.lone_start {
-            crate::config::LoneStart::AfterTimeout => LoneStart::AfterTimeout,
-            crate::config::LoneStart::Never => LoneStart::Never,
-        },
+        lone_start: rc.lone_start,
         merge_hold_ms: cfg.redis.request_timeout_ms,
     };
     let node = NativeNode::new(node_cfg, 0);
