@@ -308,7 +308,7 @@ struct Sidecar {
     restart_at: Option<u64>,
     resume_at: Option<u64>,
     /// A merge in progress: (completes at, the keys the peer recorded).
-    merge: Option<(u64, BTreeSet<String>)>,
+    merge: Option<(u64, BTreeSet<String>, bool)>,
 }
 
 struct Client {
@@ -969,10 +969,10 @@ impl Sim {
             self.cars[i].node.as_mut().unwrap().on_peer_report(now, r);
         }
         // A merge completing.
-        if let Some((at, _)) = &self.cars[i].merge {
+        if let Some((at, _, _)) = &self.cars[i].merge {
             if *at <= now {
-                let (_, peer_rec) = self.cars[i].merge.take().unwrap();
-                self.complete_merge(i, peer_rec);
+                let (_, peer_rec, overwrite) = self.cars[i].merge.take().unwrap();
+                self.complete_merge(i, peer_rec, overwrite);
             }
         }
         if now < self.cars[i].next_poll {
@@ -1030,7 +1030,7 @@ impl Sim {
             Command::ClearRecorded => {
                 self.cars[i].recorded.clear();
             }
-            Command::Merge => {
+            Command::Merge { overwrite } => {
                 // As the shell: the peer's sidecar holds its writes and names its keys when it
                 // answers; without it, the merge goes on with no keys of its side.
                 let with_peer = self.car_up(1 - i) && self.partition.is_none();
@@ -1053,7 +1053,7 @@ impl Sim {
                         self.cars[i].recorded,
                         peer_rec
                     );
-                    self.cars[i].merge = Some((now + d, peer_rec));
+                    self.cars[i].merge = Some((now + d, peer_rec, overwrite));
                 } else {
                     let now = self.now;
                     self.cars[i].node.as_mut().unwrap().merge_done(now, false);
@@ -1063,7 +1063,7 @@ impl Sim {
         }
     }
 
-    fn complete_merge(&mut self, i: usize, peer_rec: BTreeSet<String>) {
+    fn complete_merge(&mut self, i: usize, peer_rec: BTreeSet<String>, overwrite: bool) {
         let now = self.now;
         let p = 1 - i;
         // The winner's keys as they stand when it answers (after its WAITs in flight).
@@ -1082,7 +1082,9 @@ impl Sim {
         mine.extend(self.cars[p].peer_written.iter().cloned());
         let mut copied = Vec::new();
         for k in &mine {
-            if peer_rec.contains(k) {
+            // Without a common history, a key the winner holds keeps its value too.
+            let held_there = !overwrite && self.redis[p].data.contains_key(k);
+            if peer_rec.contains(k) || held_there {
                 // Conflict: the winner's value stays; increments only here are lost (N6).
                 let here = self.redis[i].data.get(k).cloned().unwrap_or_default();
                 let there = self.redis[p].data.get(k).cloned().unwrap_or_default();

@@ -241,13 +241,17 @@ pub struct PeerReport {
     pub priority: u32,
     /// Two primaries met and the sender decided: the node whose Redis stays primary.
     pub winner: String,
+    /// The run_id of the primary Redis the sender's decision was taken on (empty: none). A
+    /// decision is about one run: a Redis restarted since (empty, or from an older snapshot)
+    /// must be compared again, not adopted on a report that predates it.
+    pub primary_run: String,
 }
 
 impl PeerReport {
     /// `key:value` lines.
     pub fn encode(&self) -> String {
         format!(
-            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\n",
+            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\nprimary_run:{}\n",
             self.id,
             self.epoch,
             self.primary,
@@ -255,7 +259,8 @@ impl PeerReport {
             self.recording as u8,
             self.merging as u8,
             self.priority,
-            self.winner
+            self.winner,
+            self.primary_run
         )
     }
 
@@ -273,6 +278,7 @@ impl PeerReport {
                 "merging" => r.merging = v == "1",
                 "priority" => r.priority = v.parse().ok()?,
                 "winner" => r.winner = v.to_string(),
+                "primary_run" => r.primary_run = v.to_string(),
                 _ => {}
             }
         }
@@ -307,7 +313,12 @@ pub enum Command {
     /// Copy the keys this side recorded while cut off (those the peer did not write too) into
     /// the peer's Redis, then make the local Redis a replica of it; report with
     /// [`NativeNode::merge_done`]. This side lost the partition.
-    Merge,
+    ///
+    /// `overwrite`: the two histories fork from a common one, so a key this side wrote holds
+    /// everything the peer's copy held before the fork and replaces it (`RESTORE … REPLACE`).
+    /// Without a common history (one side started alone from less) a key the peer's Redis
+    /// already holds keeps the peer's value (a conflict: counted, never overwritten).
+    Merge { overwrite: bool },
     /// Forget the recorded keys: the peer's Redis replicates everything again.
     ClearRecorded,
 }
@@ -356,6 +367,8 @@ pub struct NativeNode {
     peer_was_linked: bool,
     /// Our primary Redis is down and the peer's is a primary holding less: writes wait.
     holding_for_local: bool,
+    /// Writes wait for the peer's Redis, which was seen holding more than ours (logged once).
+    holding_for_peer: bool,
     /// The furthest offset the peer's Redis was seen holding as a linked replica of ours:
     /// writes up to it were confirmed there and are recorded nowhere.
     peer_confirmed_offset: u64,
@@ -389,6 +402,7 @@ impl NativeNode {
             conflict_winner: None,
             peer_was_linked: false,
             holding_for_local: false,
+            holding_for_peer: false,
             peer_confirmed_offset: 0,
             unsynced_logged: false,
             vetted: (String::new(), String::new()),
@@ -477,6 +491,10 @@ impl NativeNode {
                 Some(Side::Peer) => self.cfg.peer_id.clone(),
                 None => String::new(),
             },
+            primary_run: match self.primary {
+                Some(side) => self.vetted_run(side).to_string(),
+                None => String::new(),
+            },
         }
     }
 
@@ -560,7 +578,7 @@ impl NativeNode {
                 return;
             }
         }
-        if matches!(cmd, Command::FollowPeer | Command::Merge) {
+        if matches!(cmd, Command::FollowPeer | Command::Merge { .. }) {
             // A (full) sync starts: until it completes the local copy is not the primary's.
             self.local_synced = false;
         }
@@ -589,6 +607,7 @@ impl NativeNode {
 
     fn set_primary(&mut self, side: Side, why: &str) {
         self.vet(side);
+        self.holding_for_peer = false;
         if self.primary != Some(side) {
             self.epoch += 1;
             self.primary = Some(side);
@@ -709,7 +728,8 @@ impl NativeNode {
                     "two primaries after a partition: {} stays primary; merging this side's writes into it",
                     self.cfg.peer_id
                 ));
-                self.issue(now, Command::Merge, &mut out);
+                let overwrite = matches!((&l, &p), (Some(l), Some(p)) if related(l, p));
+                self.issue(now, Command::Merge { overwrite }, &mut out);
             }
             if let Merge::Running(since) = self.merge {
                 if now.saturating_sub(since) > ft.max(self.cfg.merge_hold_ms) * 4 {
@@ -741,7 +761,13 @@ impl NativeNode {
                 && self.primary == Some(Side::Local)
                 && ((l.as_ref().is_some_and(|l| l.master) && p.as_ref().is_none_or(|p| p.master))
                     || (l.is_none() && self.recording));
-            if outranks && theirs.is_some() && theirs != self.primary && !unsafe_to_follow {
+            // Their decision names a run of that Redis; the run we see now must be the one.
+            let same_run = match theirs {
+                Some(Side::Local) => l.as_ref().is_some_and(|l| l.run_id == r.primary_run),
+                Some(Side::Peer) => p.as_ref().is_some_and(|p| p.run_id == r.primary_run),
+                None => false,
+            };
+            if outranks && theirs.is_some() && theirs != self.primary && !unsafe_to_follow && same_run {
                 self.epoch = r.epoch;
                 self.primary = theirs;
                 if let Some(side) = theirs {
@@ -879,13 +905,33 @@ impl NativeNode {
             }
             (Some(l), None) => {
                 let waited = self.peer_redis.down_for(now, self.started) >= ft;
-                if waited && !peer_alive && self.cfg.lone_start == LoneStart::AfterTimeout {
+                // The peer's Redis was seen holding more than ours holds now (ours restarted
+                // empty or from an older snapshot while this sidecar ran): taking writes on ours
+                // would fork from less and a later merge would overwrite the newer values (N5).
+                // Wait for the peer's Redis instead, however long it takes.
+                let peer_held_more = self
+                    .peer_redis
+                    .info
+                    .as_ref()
+                    .is_some_and(|last| !matches!(compare(l, last), Holds::First | Holds::Equal));
+                // The peer's sidecar says, in a report heard just now, that its Redis is down.
+                let peer_confirms_down = self.peer_heard_within(now, ft / 2)
+                    && self.peer.as_ref().is_some_and(|(r, _)| !r.redis_up);
+                if waited && peer_held_more && !(peer_confirms_down && l.master) {
+                    if !self.holding_for_peer {
+                        self.holding_for_peer = true;
+                        self.events.push(format!(
+                            "{}'s Redis is unreachable and was seen holding more than ours: writes wait for it",
+                            self.cfg.peer_id
+                        ));
+                    }
+                } else if waited && !peer_alive && self.cfg.lone_start == LoneStart::AfterTimeout {
                     self.set_primary(Side::Local, "the peer's sidecar and Redis are unreachable (lone start)");
                     self.recording = true;
                     if !l.master {
                         self.issue(now, Command::Promote(Side::Local), out);
                     }
-                } else if waited && peer_alive && l.master {
+                } else if waited && peer_confirms_down && l.master {
                     // The peer's sidecar is up and its Redis down: ours is the only copy.
                     self.set_primary(Side::Local, "the peer's Redis is down");
                 }
@@ -950,7 +996,7 @@ impl NativeNode {
                                 "the local Redis holds writes {}'s lacks: merging them into it before following",
                                 self.cfg.peer_id
                             ));
-                            self.issue(now, Command::Merge, out);
+                            self.issue(now, Command::Merge { overwrite: related(l, p) }, out);
                         }
                         _ => {
                             self.detached = false;

@@ -602,13 +602,13 @@ fn execute(shell: &Rc<Shell>, cmd: Command) {
                 }
             });
         }
-        Command::Merge => {
+        Command::Merge { overwrite } => {
             if shell.merging.replace(true) {
                 return;
             }
             let shell = shell.clone();
             monoio::spawn(async move {
-                let ok = match merge(&shell).await {
+                let ok = match merge(&shell, overwrite).await {
                     Ok(()) => true,
                     Err(e) => {
                         warn!("partition merge failed: {e}");
@@ -648,8 +648,9 @@ async fn run_on(shell: &Shell, addr: SocketAddr, cmds: &[Vec<Vec<u8>>]) -> Resul
 
 /// This side lost a partition: copy the keys its clients wrote while cut off into the peer's
 /// Redis (those the peer's clients did not write too: there the winner's value stays), then
-/// make the local Redis replicate the peer's.
-async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
+/// make the local Redis replicate the peer's. Without `overwrite` (the two histories share
+/// nothing) a key the peer's Redis already holds keeps its value there (a conflict).
+async fn merge(shell: &Rc<Shell>, overwrite: bool) -> Result<(), String> {
     let timeout = shell.core.shared.cfg.redis.request_timeout_ms;
     // The winner's sidecar holds its writes and names the keys its clients wrote; when it is
     // down nobody writes its Redis but through us (and those writes left our list).
@@ -693,6 +694,7 @@ async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
     let cfg = &shell.core.shared.cfg.redis;
     let mut src = connect_redis(cfg, shell.local_redis, 2, 0).await?;
     let mut dst = connect_redis(cfg, shell.peer_redis, 2, 0).await?;
+    let mut kept_theirs = 0u64;
     for chunk in copy.chunks(MERGE_BATCH) {
         let mut reads = Vec::with_capacity(chunk.len() * 3);
         for (db, k) in chunk {
@@ -709,28 +711,38 @@ async fn merge(shell: &Rc<Shell>) -> Result<(), String> {
             match dump {
                 Some(d) if at != -2 => {
                     let mut cmd = vec![b"RESTORE".to_vec(), k.to_vec()];
+                    cmd.push(if at > 0 { at.to_string().into_bytes() } else { b"0".to_vec() });
+                    cmd.push(d.to_vec());
+                    if overwrite {
+                        cmd.push(b"REPLACE".to_vec());
+                    }
                     if at > 0 {
-                        cmd.push(at.to_string().into_bytes());
-                        cmd.push(d.to_vec());
-                        cmd.push(b"REPLACE".to_vec());
                         cmd.push(b"ABSTTL".to_vec());
-                    } else {
-                        cmd.push(b"0".to_vec());
-                        cmd.push(d.to_vec());
-                        cmd.push(b"REPLACE".to_vec());
                     }
                     writes.push(cmd);
                 }
-                _ => writes.push(vec![b"DEL".to_vec(), k.to_vec()]),
+                // Deleted here: deleted there too, unless the histories share nothing (then
+                // the peer's key was never ours to delete).
+                _ if overwrite => writes.push(vec![b"DEL".to_vec(), k.to_vec()]),
+                _ => writes.push(vec![b"PING".to_vec()]),
             }
         }
         let res = roundtrip(&mut dst, &writes, timeout).await?;
-        if let Some(e) = res.iter().find(|r| resp::is_error(r)) {
-            return Err(format!("copying into the peer's Redis: {}", String::from_utf8_lossy(e).trim()));
+        for r in &res {
+            if !resp::is_error(r) {
+                continue;
+            }
+            if !overwrite && r.starts_with(b"-BUSYKEY") {
+                // The peer's Redis holds the key: its value stays (no common history).
+                conflicts += 1;
+                kept_theirs += 1;
+                continue;
+            }
+            return Err(format!("copying into the peer's Redis: {}", String::from_utf8_lossy(r).trim()));
         }
     }
     follow_peer(shell).await?;
-    shell.merged_keys.set(shell.merged_keys.get() + copy.len() as u64);
+    shell.merged_keys.set(shell.merged_keys.get() + copy.len() as u64 - kept_theirs);
     shell.conflict_keys.set(shell.conflict_keys.get() + conflicts);
     shell.route.clear_recorded();
     info!(
