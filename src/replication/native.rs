@@ -87,6 +87,19 @@ impl ReplInfo {
         }
     }
 
+    /// `replid:offset (replid2:second_offset)` for log lines.
+    pub fn history(&self) -> String {
+        let short = |id: &str| id.get(..8).unwrap_or(id).to_string();
+        format!(
+            "{}:{} ({}:{}) {}",
+            short(&self.replid),
+            self.offset,
+            short(&self.replid2),
+            self.second_offset,
+            if self.master { "master" } else { "replica" }
+        )
+    }
+
     /// Holds no data and no history.
     pub fn is_empty(&self) -> bool {
         self.offset == 0 && self.keys == 0
@@ -967,8 +980,19 @@ impl NativeNode {
         match (l, p) {
             (Some(l), Some(p)) if p.master => {
                 if l.master {
-                    let diverged_fork = compare(l, p) == Holds::Diverged && related(l, p);
-                    match compare(l, p) {
+                    let mut holds = compare(l, p);
+                    // The peer's Redis was promoted from our history (a failover while ours
+                    // was paused or cut off) and ours holds a tail past that point. The peer's
+                    // may not have written yet at this look, but it is the elected primary and
+                    // takes writes now: our tail is merged into it (a fork), it is not a copy
+                    // that "holds less" to be replaced.
+                    let successor =
+                        p.second_offset > 0 && p.replid2 == l.replid && l.offset >= p.second_offset as u64;
+                    if holds == Holds::First && successor {
+                        holds = Holds::Diverged;
+                    }
+                    let diverged_fork = holds == Holds::Diverged && related(l, p);
+                    match holds {
                         // Two forks of one history: ours merges its tail into the primary
                         // (below) instead of becoming a second primary on a longer tail.
                         Holds::First | Holds::Diverged
@@ -984,7 +1008,13 @@ impl NativeNode {
                             // old snapshot): ours is the copy to keep.
                             self.detached = false;
                             self.failovers += 1;
-                            self.set_primary(Side::Local, "the peer's Redis holds less than ours");
+                            let why = format!(
+                                "the peer's Redis holds less than ours (ours {}, the peer's {} seen {} ms ago)",
+                                l.history(),
+                                p.history(),
+                                now.saturating_sub(self.peer_redis.last_ok.unwrap_or(0))
+                            );
+                            self.set_primary(Side::Local, &why);
                         }
                         Holds::Diverged if self.merge == Merge::Idle => {
                             // Ours took writes the primary lacks (it was paused or cut off while
