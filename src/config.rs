@@ -67,7 +67,14 @@ pub struct NodeConfig {
     pub threads: usize,
     pub io_driver: IoDriver,
     pub sequencing: Sequencing,
+    /// On SIGTERM, how long `/readyz` answers 503 while everything still serves, before the
+    /// listeners close and in-flight commands finish (Kubernetes: time for the endpoints to
+    /// drop the pod). SIGINT stops at once; a second SIGTERM ends the drain early.
+    pub drain_ms: u64,
 }
+
+/// `[node] drain_ms` by default: stop at once (set it for Kubernetes; conf/resplica.toml does).
+pub const DEFAULT_DRAIN_MS: u64 = 0;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -80,6 +87,7 @@ impl Default for NodeConfig {
             threads: 0,
             io_driver: IoDriver::Auto,
             sequencing: Sequencing::Auto,
+            drain_ms: DEFAULT_DRAIN_MS,
         }
     }
 }

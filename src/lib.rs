@@ -11,10 +11,12 @@
 //! - [`route`]: native mode's routing facts (write target, local reads, recorded keys),
 //!   published by the control plane for every core. No I/O.
 //! - [`config`]: the TOML configuration with defaults and validation.
+//! - [`metrics`]: per-core counters and the Prometheus text the admin port serves. No I/O.
 //! - [`server`]: the thin monoio shell that runs all of the above on sockets.
 
 pub mod command;
 pub mod config;
+pub mod metrics;
 pub mod replication;
 pub mod resp;
 pub mod route;

@@ -159,19 +159,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("configuration OK");
         return Ok(());
     }
+    let drain = std::time::Duration::from_millis(cfg.node.drain_ms);
     let server = resplica::server::Server::start(cfg).context("cannot start")?;
     let stop = server.stop_handle();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
         .context("cannot install signal handlers")?;
+    let (sig_tx, sig_rx) = std::sync::mpsc::channel::<i32>();
     std::thread::Builder::new()
         .name("resplica-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "stopping: no new connections, finishing in-flight commands");
-                stop.stop();
+            for sig in signals.forever() {
+                if sig_tx.send(sig).is_err() {
+                    return;
+                }
             }
         })
         .context("cannot spawn signal thread")?;
+    std::thread::Builder::new()
+        .name("resplica-stop".into())
+        .spawn(move || {
+            let Ok(sig) = sig_rx.recv() else { return };
+            if sig == signal_hook::consts::SIGTERM && !drain.is_zero() {
+                // Readiness first: the load balancer stops sending new clients while
+                // everything still serves; then the usual graceful stop.
+                tracing::info!(
+                    signal = sig,
+                    drain_ms = drain.as_millis() as u64,
+                    "draining: /readyz answers 503, still serving until the drain period ends"
+                );
+                stop.drain();
+                let _ = sig_rx.recv_timeout(drain);
+            }
+            tracing::info!(signal = sig, "stopping: no new connections, finishing in-flight commands");
+            stop.stop();
+        })
+        .context("cannot spawn stop thread")?;
     server.join().context("runtime failed")?;
     tracing::info!("stopped");
     Ok(())

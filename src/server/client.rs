@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
@@ -36,6 +37,8 @@ struct Entry {
     reply: Option<Bytes>,
     tag: Option<Tag>,
     discard: bool,
+    /// The request this reply answers, for the command metrics: (metrics index, parsed at).
+    stamp: Option<(u16, Instant)>,
 }
 
 #[derive(Default)]
@@ -66,6 +69,8 @@ pub(crate) struct Client {
     /// Fired by `kill`: aborts a write blocked on a client that no longer reads, so the
     /// connection (and its `max_clients` slot) is released now, not when the peer reads.
     dead_signal: Signal,
+    /// The request being handled (metrics): its first reply slot takes it.
+    stamp: Cell<Option<(u16, Instant)>>,
 }
 
 impl Client {
@@ -83,6 +88,10 @@ impl Client {
                 return;
             }
             let discard = e.discard;
+            if let Some((cmd, at)) = e.stamp.take() {
+                let error = matches!(reply.first(), Some(b'-' | b'!'));
+                self.core.metrics.replied(cmd, at.elapsed(), error);
+            }
             e.reply = Some(reply);
             let tag = e.tag.take();
             if !discard {
@@ -107,7 +116,7 @@ impl Client {
                 return;
             }
             out.ready_bytes += reply.len();
-            out.entries.push_back(Entry { reply: Some(reply), tag: None, discard: false });
+            out.entries.push_back(Entry { reply: Some(reply), tag: None, discard: false, stamp: None });
         }
         self.check_output_limit();
         self.wake_writer.notify();
@@ -116,7 +125,8 @@ impl Client {
     /// Reserve the next reply slot; returns its sequence number.
     fn push_pending(&self, tag: Option<Tag>, discard: bool) -> u64 {
         let mut out = self.out.borrow_mut();
-        out.entries.push_back(Entry { reply: None, tag, discard });
+        let stamp = self.stamp.take();
+        out.entries.push_back(Entry { reply: None, tag, discard, stamp });
         out.base_seq + out.entries.len() as u64 - 1
     }
 
@@ -258,6 +268,7 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
     if n > shared.cfg.client.max_clients {
         shared.clients.fetch_sub(1, Ordering::AcqRel);
+        core.metrics.clients_rejected.inc();
         monoio::spawn(async move {
             let mut stream = stream;
             let _ = stream.write_all(resp::error("ERR max number of clients reached")).await;
@@ -265,6 +276,7 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         });
         return;
     }
+    core.metrics.clients_accepted.inc();
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = {
@@ -286,6 +298,7 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
         closing: Cell::new(false),
         close_signal: Signal::default(),
         dead_signal: Signal::default(),
+        stamp: Cell::new(None),
     });
     core.clients.borrow_mut().insert(id, Rc::downgrade(&client));
     let core = core.clone();
@@ -375,10 +388,10 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                 break;
             }
             parser.set_unauthenticated(!client.session.borrow().authed);
-            let req = match held.take() {
-                Some(r) => r,
+            let (req, fresh) = match held.take() {
+                Some(r) => (r, false),
                 None => match parser.parse(&mut buf) {
-                    Ok(Some(r)) => r,
+                    Ok(Some(r)) => (r, true),
                     Ok(None) => break,
                     Err(e) => {
                         client.push_local(resp::error(&format!("ERR {e}")));
@@ -386,6 +399,13 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     }
                 },
             };
+            if fresh {
+                // A held request run again keeps its first stamp (and is counted once).
+                let cmd = crate::command::lookup_command(req.arg(0))
+                    .map_or_else(crate::metrics::unknown_command, crate::metrics::command_index);
+                client.core.metrics.call(cmd);
+                client.stamp.set(Some((cmd, Instant::now())));
+            }
             let action = {
                 let env = client.core.env.borrow();
                 client.session.borrow_mut().on_request(&req, &env)
@@ -472,7 +492,7 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
         buf = b;
         match res {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(n) => client.core.metrics.bytes_in.add(n as u64),
         }
     }
     // Let the writer flush what is owed, then close.
@@ -938,6 +958,7 @@ async fn write_loop(client: Rc<Client>, mut wr: OwnedWriteHalf<TcpStream>) {
                 wr.write_all(joined.freeze()).await.0.is_ok()
             }
         };
+        client.core.metrics.bytes_out.add(total as u64);
         // A client killed meanwhile (output buffer limit) may never read again: stop waiting.
         let ok = monoio::select! {
             ok = write => ok,

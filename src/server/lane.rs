@@ -444,6 +444,16 @@ async fn learn_server_facts(core: &Core) {
 
 /// The lane's life: connect, serve until the connection breaks or stalls, fail whoever was
 /// waiting, back off, reconnect.
+impl Lane {
+    /// Which Redis this lane reaches, for the metrics.
+    fn upstream(&self) -> crate::metrics::Upstream {
+        match &self.native {
+            Some(n) if n.side == crate::replication::native::Side::Peer => crate::metrics::Upstream::Peer,
+            _ => crate::metrics::Upstream::Local,
+        }
+    }
+}
+
 pub(crate) async fn run(lane: Rc<Lane>) {
     let Some(core) = lane.core.upgrade() else { return };
     let cfg = core.shared.cfg.redis.clone();
@@ -455,8 +465,10 @@ pub(crate) async fn run(lane: Rc<Lane>) {
         if lane.st.borrow().stopping {
             return;
         }
+        let upstream = &core.metrics.upstream[lane.upstream() as usize];
         match connect_redis(&cfg, lane.addr, lane.proto, 0).await {
             Ok(mut stream) => {
+                upstream.connects.inc();
                 if lane.proto == 2 && lane.addr == cfg.address {
                     learn_server_facts(&core).await;
                 }
@@ -494,6 +506,9 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                         st.broken.clone().unwrap_or_else(|| "resplica is shutting down".to_string())
                     },
                 };
+                if !lane.st.borrow().stopping {
+                    upstream.errors.inc();
+                }
                 {
                     let mut st = lane.st.borrow_mut();
                     st.connected = false;
@@ -511,6 +526,7 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                 continue;
             }
             Err(e) => {
+                upstream.errors.inc();
                 lane.st.borrow_mut().down_reason = e.clone();
                 if was_up {
                     warn!(core = core.idx, proto = lane.proto, "cannot reach Redis at {}: {e}; retrying", lane.addr);
@@ -582,10 +598,19 @@ async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
             lane.wake_writer.wait().await;
             continue;
         }
-        let chunks = lane.st.borrow_mut().take_out(wait, lane.native.as_ref());
+        let (chunks, commands) = {
+            let mut st = lane.st.borrow_mut();
+            let commands = st.unflushed;
+            (st.take_out(wait, lane.native.as_ref()), commands)
+        };
         if chunks.is_empty() {
             lane.wake_writer.wait().await;
             continue;
+        }
+        if let Some(core) = lane.core.upgrade() {
+            let m = &core.metrics.upstream[lane.upstream() as usize];
+            m.batches.inc();
+            m.commands.add(commands as u64);
         }
         for chunk in chunks {
             let (res, _) = wr.write_all(chunk).await;

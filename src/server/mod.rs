@@ -7,6 +7,7 @@
 //! and its reply hops back), batched per destination and event-loop turn. No locks on the
 //! data path.
 
+mod admin;
 mod client;
 mod io;
 mod lane;
@@ -87,6 +88,10 @@ pub(crate) struct Shared {
     pub native: Option<Arc<crate::route::NativeRoute>>,
     /// Native mode: the peer's Redis.
     pub peer_redis: Option<SocketAddr>,
+    /// Each core's counters (index = core), summed by `/metrics`.
+    pub metrics: Vec<Arc<crate::metrics::CoreMetrics>>,
+    /// SIGTERM received: `/readyz` answers 503 while the listeners still accept (drain).
+    pub draining: AtomicBool,
 }
 
 /// One core's state, owned by its runtime thread.
@@ -115,6 +120,8 @@ pub(crate) struct Core {
     pub redis_run_id: RefCell<String>,
     /// Core 0 of a node with peers: the replication shell.
     pub repl: RefCell<Option<Rc<replica::Repl>>>,
+    /// This core's counters (only this core writes them).
+    pub metrics: Arc<crate::metrics::CoreMetrics>,
 }
 
 impl Core {
@@ -155,6 +162,12 @@ pub struct StopHandle {
 }
 
 impl StopHandle {
+    /// Begin a drain (SIGTERM): `/readyz` turns 503 so the load balancer stops sending new
+    /// clients; everything else keeps serving until `stop`.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+    }
+
     /// Begin a graceful stop: stop accepting, finish in-flight commands.
     pub fn stop(&self) {
         if !self.shared.shutting_down.swap(true, Ordering::SeqCst) {
@@ -206,6 +219,8 @@ impl Server {
             status: std::sync::Mutex::new(String::new()),
             native,
             peer_redis,
+            metrics: (0..n).map(|_| Arc::new(crate::metrics::CoreMetrics::default())).collect(),
+            draining: AtomicBool::new(false),
         });
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartError>>(n);
         let mut threads = Vec::with_capacity(n);
@@ -395,6 +410,7 @@ async fn core_main(
         outbox_ready: Signal::default(),
         redis_run_id: RefCell::new(String::new()),
         repl: RefCell::new(None),
+        metrics: shared.metrics[idx].clone(),
     });
     if idx == 0 && cfg.mirror() {
         match replica::Repl::start(&core) {
@@ -411,6 +427,15 @@ async fn core_main(
             let msg = e.to_string();
             let _ = ready.send(Err(StartError::Listen { addr: cfg.node.peer_listen, source: e }));
             return Err(StartError::Listen { addr: cfg.node.peer_listen, source: std::io::Error::other(msg) });
+        }
+    }
+    if idx == 0 {
+        let admin = cfg.node.admin_listen;
+        match TcpListener::bind_with_config(admin, &ListenerOpts::new().reuse_addr(true)) {
+            Ok(l) => {
+                monoio::spawn(admin::serve(core.clone(), l));
+            }
+            Err(e) => warn!(addr = %admin, "cannot serve the admin port (status, /metrics, /livez, /readyz): {e}"),
         }
     }
     for l in core.lanes.iter().chain(core.peer_lanes.iter().flatten()) {

@@ -75,7 +75,7 @@ impl Shell {
     }
 }
 
-/// Bind the peer and admin ports and start the control loops. Core 0 only.
+/// Bind the peer port and start the control loops. Core 0 only.
 pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
     let cfg = &core.shared.cfg;
     let peer = &cfg.peers[0];
@@ -115,12 +115,6 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
         caught_up_at: Cell::new(0),
     });
     monoio::spawn(serve_peer(shell.clone(), listener));
-    match TcpListener::bind_with_config(cfg.node.admin_listen, &ListenerOpts::new().reuse_addr(true)) {
-        Ok(l) => {
-            monoio::spawn(super::replica::serve_admin(core.clone(), l));
-        }
-        Err(e) => warn!(addr = %cfg.node.admin_listen, "cannot serve the admin port: {e}"),
-    }
     monoio::spawn(observe_loop(shell.clone(), Side::Local));
     monoio::spawn(observe_loop(shell.clone(), Side::Peer));
     monoio::spawn(heartbeat_loop(shell.clone()));

@@ -1,6 +1,6 @@
 //! The replication shell on core 0 of a node with peers: runs `Membership` (who writes) and,
 //! while this node is the writer, the `Sequencer` with one ordered connection per replica
-//! Redis, the key scans of full resyncs, the peer link (`peer`), the admin port and the
+//! Redis, the key scans of full resyncs, the peer link (`peer`) and the
 //! status text. Requests on the writer path arrive here from every core (`Lane::Writer`);
 //! a follower forwards them to the writer over the peer link.
 //!
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncWriteRentExt, Splitable};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::io::read_more;
 use super::lane::{connect_redis, deliver_to, roundtrip, Sink};
@@ -27,7 +27,7 @@ use crate::command;
 use crate::config::WriteAck;
 use crate::replication::membership::{Decision, Membership, Report, Role};
 use crate::replication::sequencer::{Origin, ReplicaState, Sequencer};
-use crate::resp::{self, ReplySkimmer, Request, RequestParser};
+use crate::resp::{self, ReplySkimmer, RequestParser};
 
 /// Key copies in flight per resync (the throttle that keeps the writer serving).
 const COPIES_IN_FLIGHT: usize = 256;
@@ -94,18 +94,11 @@ pub(crate) struct Repl {
 }
 
 impl Repl {
-    /// Bind the peer and admin ports and start the tasks. Core 0 only.
+    /// Bind the peer port and start the tasks. Core 0 only.
     pub fn start(core: &Rc<Core>) -> std::io::Result<Rc<Repl>> {
         let cfg = &core.shared.cfg;
         let peer_listener =
             TcpListener::bind_with_config(cfg.node.peer_listen, &ListenerOpts::new().reuse_addr(true).backlog(128))?;
-        let admin = match TcpListener::bind_with_config(cfg.node.admin_listen, &ListenerOpts::new().reuse_addr(true)) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                error!(addr = %cfg.node.admin_listen, "cannot serve the admin port: {e}");
-                None
-            }
-        };
         let boot = (unix_ms() << 16) ^ std::process::id() as u64;
         let peers: Vec<(String, u32)> = cfg.peers.iter().map(|p| (p.id.clone(), p.priority.unwrap_or(0))).collect();
         let members =
@@ -131,9 +124,6 @@ impl Repl {
             lease_checked_at: Cell::new(0),
         });
         monoio::spawn(peer::serve(repl.clone(), peer_listener));
-        if let Some(l) = admin {
-            monoio::spawn(serve_admin(repl.core.clone(), l));
-        }
         for l in &repl.links {
             monoio::spawn(peer::run_link(repl.clone(), l.clone()));
         }
@@ -1046,48 +1036,3 @@ async fn scan_keys(repl: &Rc<Repl>, t: usize, gen: u64) -> Result<(), String> {
     Ok(())
 }
 
-// ---- admin port -------------------------------------------------------------------------------
-
-/// RESP on `admin_listen`: `RESPLICA STATUS` (or `STATUS`), `PING`.
-pub(crate) async fn serve_admin(core: Rc<Core>, listener: TcpListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            monoio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let core = core.clone();
-        monoio::spawn(async move {
-            let (mut rd, mut wr) = stream.into_split();
-            let mut parser = RequestParser::new(1 << 20);
-            let mut buf = BytesMut::with_capacity(4096);
-            loop {
-                let (res, b) = read_more(&mut rd, buf, 0).await;
-                buf = b;
-                if !matches!(res, Ok(n) if n > 0) {
-                    return;
-                }
-                loop {
-                    let req: Request = match parser.parse(&mut buf) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(_) => return,
-                    };
-                    let name = req.arg(0).to_ascii_lowercase();
-                    let is_status = name == b"status"
-                        || (name == b"resplica" && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"status"));
-                    let reply = if is_status {
-                        let text = core.shared.status.lock().map(|s| s.clone()).unwrap_or_default();
-                        resp::bulk(text.as_bytes())
-                    } else if name == b"ping" {
-                        resp::simple("PONG")
-                    } else {
-                        resp::error("ERR the admin port answers RESPLICA STATUS and PING")
-                    };
-                    if wr.write_all(reply).await.0.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-    }
-}

@@ -1,0 +1,112 @@
+//! The admin port's HTTP side (Kubernetes probes, Prometheus) against real redis-server
+//! processes: `/livez`, `/readyz` (follows the Redis, the pair and the drain), `/status`
+//! (`?format=json`), `/metrics` counting what went over the wire, and the SIGTERM drain
+//! (503 first, still serving, then exit 0).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::native::{native, wait_formed, FORM_TIMEOUT};
+use common::pair::Pair;
+use common::{free_port, wait_until, Proxy, RedisServer};
+
+/// `GET path` on 127.0.0.1:`port`: (status code, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+fn single(redis: &RedisServer, admin: u16, drain_ms: u64) -> Proxy {
+    Proxy::with_config(&format!(
+        "[node]\nadmin_listen = \"127.0.0.1:{admin}\"\nthreads = 2\ndrain_ms = {drain_ms}\n\n[redis]\naddress = \"{}\"\n",
+        redis.addr()
+    ))
+}
+
+/// The value of a sample line `name value` (labels included in `name`).
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+}
+
+#[test]
+fn probes_status_and_metrics_of_a_single_node() {
+    let redis = RedisServer::start();
+    let admin = free_port();
+    let proxy = single(&redis, admin, 0);
+    assert_eq!(get(admin, "/livez").map(|r| r.0), Some(200));
+    assert!(wait_until(Duration::from_secs(5), || get(admin, "/readyz").is_some_and(|r| r.0 == 200)));
+
+    let mut c = proxy.conn();
+    for i in 0..5 {
+        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(i).query(&mut c).unwrap();
+    }
+    let _: Option<String> = redis::cmd("GET").arg("k1").query(&mut c).unwrap();
+    let err = redis::cmd("INCR").arg("k1").arg("extra").query::<i64>(&mut c);
+    assert!(err.is_err());
+
+    let (code, m) = get(admin, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert_eq!(sample(&m, "resplica_commands_total{cmd=\"set\"}"), Some(5.0), "{m}");
+    assert_eq!(sample(&m, "resplica_commands_total{cmd=\"get\"}"), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "resplica_command_errors_total{cmd=\"incr\"}"), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "resplica_command_duration_seconds_count{cmd=\"set\"}"), Some(5.0), "{m}");
+    assert!(sample(&m, "resplica_connected_clients").is_some_and(|v| v >= 1.0), "{m}");
+    assert!(sample(&m, "resplica_net_input_bytes_total").is_some_and(|v| v > 0.0), "{m}");
+    assert!(sample(&m, "resplica_upstream_commands_total{redis=\"local\"}").is_some_and(|v| v >= 6.0), "{m}");
+    assert!(m.contains("resplica_info{version="), "{m}");
+
+    let (code, json) = get(admin, "/status?format=json").expect("status");
+    assert_eq!(code, 200);
+    assert!(json.starts_with('{') && json.contains("\"mode\":\"single\""), "{json}");
+    assert_eq!(get(admin, "/nope").map(|r| r.0), Some(404));
+
+    // The Redis gone: not ready (live still), and ready again when it returns.
+    redis.stop();
+    assert!(wait_until(Duration::from_secs(5), || get(admin, "/readyz").is_some_and(|r| r.0 == 503)));
+    assert_eq!(get(admin, "/livez").map(|r| r.0), Some(200));
+    redis.cont();
+    assert!(wait_until(Duration::from_secs(5), || get(admin, "/readyz").is_some_and(|r| r.0 == 200)));
+}
+
+#[test]
+fn sigterm_turns_readiness_off_first_keeps_serving_then_exits_zero() {
+    let redis = RedisServer::start();
+    let admin = free_port();
+    let mut proxy = single(&redis, admin, 3000);
+    assert!(wait_until(Duration::from_secs(5), || get(admin, "/readyz").is_some_and(|r| r.0 == 200)));
+    let mut c = proxy.conn();
+    proxy.terminate();
+    assert!(wait_until(Duration::from_secs(2), || get(admin, "/readyz").is_some_and(|r| r.0 == 503)));
+    let body = get(admin, "/readyz").map(|r| r.1).unwrap_or_default();
+    assert!(body.contains("draining"), "{body}");
+    // Still serving: the open connection and a new one.
+    let _: () = redis::cmd("SET").arg("during-drain").arg("1").query(&mut c).unwrap();
+    let mut fresh = proxy.conn();
+    let v: String = redis::cmd("GET").arg("during-drain").query(&mut fresh).unwrap();
+    assert_eq!(v, "1");
+    let st = proxy.wait_exit(Duration::from_secs(15)).expect("resplica did not exit after the drain");
+    assert!(st.success(), "exit status {st}");
+}
+
+#[test]
+fn a_native_pair_is_ready_once_formed_and_reports_its_role() {
+    let pair = Pair::start_unsynced(native("all"));
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    for (node, role) in [(&pair.a, "primary"), (&pair.b, "replica")] {
+        let admin = node.admin_port;
+        assert!(wait_until(Duration::from_secs(5), || get(admin, "/readyz").is_some_and(|r| r.0 == 200)));
+        let (_, m) = get(admin, "/metrics").expect("metrics");
+        assert_eq!(sample(&m, &format!("resplica_role{{role=\"{role}\"}}")), Some(1.0), "{m}");
+        assert_eq!(sample(&m, "resplica_replica_link_up"), Some(1.0), "{m}");
+        assert!(m.contains("mode=\"native\""), "{m}");
+    }
+}
