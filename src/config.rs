@@ -17,6 +17,9 @@ pub enum ConfigError {
     /// A field parsed but its value is not acceptable.
     #[error("invalid value for `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// A file the configuration names (`replication.secret_file`) cannot be read.
+    #[error("cannot read `{field}` file {path}: {reason}")]
+    File { field: &'static str, path: String, reason: String },
 }
 
 /// The whole file.
@@ -71,6 +74,9 @@ pub struct NodeConfig {
     /// listeners close and in-flight commands finish (Kubernetes: time for the endpoints to
     /// drop the pod). SIGINT stops at once; a second SIGTERM ends the drain early.
     pub drain_ms: u64,
+    /// Log filter (`tracing` EnvFilter syntax: `info`, `debug`, `resplica=debug,warn`);
+    /// `RUST_LOG`, when set, wins. Changes on SIGHUP.
+    pub log_level: String,
 }
 
 /// `[node] drain_ms` by default: stop at once (set it for Kubernetes; conf/resplica.toml does).
@@ -88,6 +94,7 @@ impl Default for NodeConfig {
             io_driver: IoDriver::Auto,
             sequencing: Sequencing::Auto,
             drain_ms: DEFAULT_DRAIN_MS,
+            log_level: "info".into(),
         }
     }
 }
@@ -171,6 +178,9 @@ pub struct ReplicationConfig {
     pub failover_timeout_ms: u64,
     pub backlog_bytes: ByteSize,
     pub secret: String,
+    /// A file holding the secret (a mounted Kubernetes Secret), instead of `secret`; read at
+    /// start by [`Config::read_files`]; surrounding whitespace is ignored.
+    pub secret_file: String,
     /// Native mode: the `WAIT 1 <ack_timeout_ms>` ending each batch that carries writes.
     pub ack_timeout_ms: u64,
     /// Native mode: 1 = refuse writes while the replica is not connected (Redis's own
@@ -188,6 +198,7 @@ impl Default for ReplicationConfig {
             failover_timeout_ms: 1000,
             backlog_bytes: ByteSize(256 << 20),
             secret: String::new(),
+            secret_file: String::new(),
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
             min_replicas_to_write: 0,
             lone_start: LoneStart::AfterTimeout,
@@ -280,6 +291,30 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 impl Config {
+    /// Read the files the configuration names (`replication.secret_file` into `secret`).
+    pub fn read_files(&mut self) -> Result<(), ConfigError> {
+        let path = &self.replication.secret_file;
+        if path.is_empty() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            field: "replication.secret_file",
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let secret = text.trim();
+        if secret.is_empty() {
+            return Err(ConfigError::File {
+                field: "replication.secret_file",
+                path: path.clone(),
+                reason: "the file is empty".into(),
+            });
+        }
+        self.replication.secret = secret.to_string();
+        self.replication.secret_file.clear();
+        Ok(())
+    }
+
     /// Parse and validate a TOML document.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
@@ -332,7 +367,10 @@ impl Config {
                 return bad("peers.redis", format!("peer `{}` needs the address of its Redis", p.id));
             }
         }
-        if !self.peers.is_empty() && self.replication.secret.is_empty() {
+        if !self.replication.secret.is_empty() && !self.replication.secret_file.is_empty() {
+            return bad("replication.secret_file", "give `secret` or `secret_file`, not both".into());
+        }
+        if !self.peers.is_empty() && self.replication.secret.is_empty() && self.replication.secret_file.is_empty() {
             return bad(
                 "replication.secret",
                 "must be set when [[peers]] are configured (the peer link refuses anyone without it)".into(),

@@ -147,10 +147,16 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         cfg.client.password = p.clone();
     }
     cfg.validate().context("bad configuration")?;
+    cfg.read_files().context("bad configuration")?;
+    tracing_subscriber::EnvFilter::try_new(&cfg.node.log_level)
+        .map_err(|e| anyhow::anyhow!("bad configuration: node.log_level `{}`: {e}", cfg.node.log_level))?;
     Ok(cfg)
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Sets the log filter (the `tracing` subscriber's reload handle).
+type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+
+fn run(cli: Cli, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
     if let Some(Command::Status { admin }) = &cli.command {
         return status(admin);
     }
@@ -159,57 +165,183 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("configuration OK");
         return Ok(());
     }
-    let drain = std::time::Duration::from_millis(cfg.node.drain_ms);
+    let rust_log = std::env::var_os("RUST_LOG").is_some();
+    if !rust_log {
+        set_log_filter(&cfg.node.log_level).map_err(|e| anyhow::anyhow!("bad configuration: node.log_level: {e}"))?;
+    }
+    let running = cfg.clone();
     let server = resplica::server::Server::start(cfg).context("cannot start")?;
-    let stop = server.stop_handle();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-        .context("cannot install signal handlers")?;
-    let (sig_tx, sig_rx) = std::sync::mpsc::channel::<i32>();
+    let control = server.stop_handle();
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("resplica-signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if sig_tx.send(sig).is_err() {
-                    return;
-                }
-            }
-        })
+        .spawn(move || on_signals(signals, cli, running, control, set_log_filter, rust_log))
         .context("cannot spawn signal thread")?;
-    std::thread::Builder::new()
-        .name("resplica-stop".into())
-        .spawn(move || {
-            let Ok(sig) = sig_rx.recv() else { return };
-            if sig == signal_hook::consts::SIGTERM && !drain.is_zero() {
-                // Readiness first: the load balancer stops sending new clients while
-                // everything still serves; then the usual graceful stop.
-                tracing::info!(
-                    signal = sig,
-                    drain_ms = drain.as_millis() as u64,
-                    "draining: /readyz answers 503, still serving until the drain period ends"
-                );
-                stop.drain();
-                let _ = sig_rx.recv_timeout(drain);
-            }
-            tracing::info!(signal = sig, "stopping: no new connections, finishing in-flight commands");
-            stop.stop();
-        })
-        .context("cannot spawn stop thread")?;
     server.join().context("runtime failed")?;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// SIGHUP reloads; SIGTERM drains (readiness off, still serving for `drain_ms`) then stops;
+/// SIGINT, or a second SIGTERM while draining, stops at once.
+fn on_signals(
+    mut signals: signal_hook::iterator::Signals,
+    cli: Cli,
+    mut running: Config,
+    control: resplica::server::StopHandle,
+    set_log_filter: SetLogFilter,
+    rust_log: bool,
+) {
+    use signal_hook::consts::{SIGHUP, SIGTERM};
+    let mut draining_until: Option<std::time::Instant> = None;
+    loop {
+        let sig = match draining_until {
+            None => match signals.forever().next() {
+                Some(s) => s,
+                None => return,
+            },
+            Some(until) => {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match signals.pending().next() {
+                    Some(s) => s,
+                    None => {
+                        std::thread::sleep(left.min(std::time::Duration::from_millis(20)));
+                        continue;
+                    }
+                }
+            }
+        };
+        if sig == SIGHUP {
+            reload(&cli, &mut running, &control, &set_log_filter, rust_log);
+            continue;
+        }
+        if sig == SIGTERM && draining_until.is_none() && running.node.drain_ms > 0 {
+            tracing::info!(
+                signal = sig,
+                drain_ms = running.node.drain_ms,
+                "draining: /readyz answers 503, still serving until the drain period ends"
+            );
+            control.drain();
+            draining_until =
+                Some(std::time::Instant::now() + std::time::Duration::from_millis(running.node.drain_ms));
+            continue;
+        }
+        break;
+    }
+    tracing::info!("stopping: no new connections, finishing in-flight commands");
+    control.stop();
+}
+
+/// SIGHUP: read the configuration again; apply what can change live, name what needs a
+/// restart; a file that does not load keeps the running configuration.
+fn reload(
+    cli: &Cli,
+    running: &mut Config,
+    control: &resplica::server::StopHandle,
+    set_log_filter: &SetLogFilter,
+    rust_log: bool,
+) {
+    let new = match load(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, keeping the running configuration: {e:#}");
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    let c = (&running.client, &new.client);
+    if c.0.password != c.1.password {
+        applied.push("client.password");
+    }
+    if c.0.max_clients != c.1.max_clients {
+        applied.push("client.max_clients");
+    }
+    if c.0.output_buffer_limit != c.1.output_buffer_limit {
+        applied.push("client.output_buffer_limit");
+    }
+    if c.0.pubsub_output_buffer_limit != c.1.pubsub_output_buffer_limit {
+        applied.push("client.pubsub_output_buffer_limit");
+    }
+    if c.0.refuse_commands != c.1.refuse_commands {
+        applied.push("client.refuse_commands");
+    }
+    if running.node.drain_ms != new.node.drain_ms {
+        applied.push("node.drain_ms");
+    }
+    if running.node.log_level != new.node.log_level {
+        if rust_log {
+            tracing::warn!("node.log_level changed but RUST_LOG is set and wins");
+        } else if let Err(e) = set_log_filter(&new.node.log_level) {
+            tracing::error!("reload refused, keeping the running configuration: node.log_level: {e}");
+            return;
+        } else {
+            applied.push("node.log_level");
+        }
+    }
+    // Everything else is fixed at start: compare with the live fields taken out.
+    let mut fixed_old = running.clone();
+    let mut fixed_new = new.clone();
+    for f in [&mut fixed_old, &mut fixed_new] {
+        f.client.password.clear();
+        f.client.max_clients = 0;
+        f.client.output_buffer_limit = resplica::config::ByteSize(0);
+        f.client.pubsub_output_buffer_limit = resplica::config::ByteSize(0);
+        f.client.refuse_commands.clear();
+        f.node.drain_ms = 0;
+        f.node.log_level.clear();
+    }
+    let mut restart = Vec::new();
+    let sections: [(&str, String, String); 5] = [
+        ("[node]", format!("{:?}", fixed_old.node), format!("{:?}", fixed_new.node)),
+        ("[redis]", format!("{:?}", fixed_old.redis), format!("{:?}", fixed_new.redis)),
+        ("[[peers]]", format!("{:?}", fixed_old.peers), format!("{:?}", fixed_new.peers)),
+        ("[replication]", format!("{:?}", fixed_old.replication), format!("{:?}", fixed_new.replication)),
+        ("[client]", format!("{:?}", fixed_old.client), format!("{:?}", fixed_new.client)),
+    ];
+    for (name, old, new) in sections {
+        if old != new {
+            restart.push(name);
+        }
+    }
+    control.reload_client(&new.client);
+    tracing::info!(
+        applied = %if applied.is_empty() { "nothing".to_string() } else { applied.join(", ") },
+        needs_restart = %if restart.is_empty() { "nothing".to_string() } else { restart.join(", ") },
+        "configuration reloaded (SIGHUP)"
+    );
+    // What a restart would change stays as it runs; the live part is the new file's.
+    let mut next = running.clone();
+    next.client = new.client.clone();
+    next.node.drain_ms = new.node.drain_ms;
+    next.node.log_level = new.node.log_level.clone();
+    *running = next;
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    builder.init();
+    let set_log_filter: SetLogFilter = Box::new(move |spec: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| format!("`{spec}`: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
     let cli = Cli::parse();
-    match run(cli) {
+    match run(cli, set_log_filter) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("resplica: {e:#}");

@@ -110,3 +110,57 @@ fn a_native_pair_is_ready_once_formed_and_reports_its_role() {
         assert!(m.contains("mode=\"native\""), "{m}");
     }
 }
+
+#[test]
+fn sighup_applies_live_settings_and_keeps_the_config_when_the_file_is_bad() {
+    let redis = RedisServer::start();
+    let admin = free_port();
+    let base = format!(
+        "[node]\nadmin_listen = \"127.0.0.1:{admin}\"\nthreads = 2\n\n[redis]\naddress = \"{}\"\n",
+        redis.addr()
+    );
+    let proxy = Proxy::with_config(&base);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+
+    // A password and a refused command, live.
+    proxy.reload_with(&format!("{base}\n[client]\npassword = \"s3cret\"\nrefuse_commands = [\"FLUSHALL\", \"KEYS\"]\n"));
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy.log_text().contains("configuration reloaded")),
+        "{}",
+        proxy.log_text()
+    );
+    let log = proxy.log_text();
+    assert!(log.contains("client.password") && log.contains("client.refuse_commands"), "{log}");
+    let mut fresh = proxy.conn();
+    let denied = redis::cmd("GET").arg("k").query::<String>(&mut fresh).unwrap_err();
+    assert!(denied.to_string().contains("NOAUTH"), "{denied}");
+    let _: () = redis::cmd("AUTH").arg("s3cret").query(&mut fresh).unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut fresh).unwrap();
+    assert_eq!(v, "v");
+    let refused = redis::cmd("KEYS").arg("*").query::<Vec<String>>(&mut fresh).unwrap_err();
+    assert!(!refused.to_string().is_empty());
+    // The client authenticated before the change keeps working.
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+
+    // A bad file: refused, logged, the running settings stay.
+    proxy.reload_with("[node]\nthreads = \"many\"\n");
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy.log_text().contains("reload refused")),
+        "{}",
+        proxy.log_text()
+    );
+    let mut again = proxy.conn();
+    let _: () = redis::cmd("AUTH").arg("s3cret").query(&mut again).unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut again).unwrap();
+    assert_eq!(v, "v");
+
+    // A change that needs a restart is named, not applied.
+    proxy.reload_with(&format!("{base}\n[client]\npassword = \"s3cret\"\nproto_max_bulk_len = \"1mb\"\n"));
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy.log_text().contains("needs_restart=[client]")),
+        "{}",
+        proxy.log_text()
+    );
+}

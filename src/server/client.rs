@@ -141,9 +141,10 @@ impl Client {
         if ready <= 64 * 1024 {
             return;
         }
-        let cfg = &self.core.shared.cfg.client;
+        let shared = &self.core.shared;
         let raw = self.session.borrow().is_raw();
-        let limit = if raw { cfg.pubsub_output_buffer_limit.0 } else { cfg.output_buffer_limit.0 } as usize;
+        let limit = if raw { &shared.pubsub_output_buffer_limit } else { &shared.output_buffer_limit };
+        let limit = limit.load(Ordering::Relaxed);
         let over = {
             let out = self.out.borrow();
             !out.dead && out.ready_bytes > limit
@@ -266,7 +267,7 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     let shared = &core.shared;
     let _ = stream.set_nodelay(true);
     let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
-    if n > shared.cfg.client.max_clients {
+    if n > shared.max_clients.load(Ordering::Relaxed) {
         shared.clients.fetch_sub(1, Ordering::AcqRel);
         core.metrics.clients_rejected.inc();
         monoio::spawn(async move {

@@ -66,6 +66,8 @@ pub(crate) enum CoreMsg {
     ClientGone { client: u64 },
     /// Stop accepting, finish in-flight commands.
     Shutdown,
+    /// SIGHUP: the client settings each core keeps (AUTH password, refused commands).
+    Reload { password: String, refuse_commands: Vec<String> },
 }
 
 /// State shared by all cores (read-mostly, atomics only).
@@ -92,6 +94,18 @@ pub(crate) struct Shared {
     pub metrics: Vec<Arc<crate::metrics::CoreMetrics>>,
     /// SIGTERM received: `/readyz` answers 503 while the listeners still accept (drain).
     pub draining: AtomicBool,
+    /// `[client]` limits that SIGHUP may change (the rest of `cfg` is fixed at start).
+    pub max_clients: AtomicUsize,
+    pub output_buffer_limit: AtomicUsize,
+    pub pubsub_output_buffer_limit: AtomicUsize,
+}
+
+impl Shared {
+    fn set_limits(&self, c: &crate::config::ClientConfig) {
+        self.max_clients.store(c.max_clients, Ordering::Relaxed);
+        self.output_buffer_limit.store(c.output_buffer_limit.0 as usize, Ordering::Relaxed);
+        self.pubsub_output_buffer_limit.store(c.pubsub_output_buffer_limit.0 as usize, Ordering::Relaxed);
+    }
 }
 
 /// One core's state, owned by its runtime thread.
@@ -168,6 +182,19 @@ impl StopHandle {
         self.shared.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Apply the `[client]` settings that can change while running (SIGHUP): the password
+    /// (new AUTHs; authenticated clients stay), `max_clients`, the output buffer limits and
+    /// the refused commands. Every core takes them on its next turn.
+    pub fn reload_client(&self, c: &crate::config::ClientConfig) {
+        self.shared.set_limits(c);
+        for tx in &self.shared.inboxes {
+            let _ = tx.try_send(vec![CoreMsg::Reload {
+                password: c.password.clone(),
+                refuse_commands: c.refuse_commands.clone(),
+            }]);
+        }
+    }
+
     /// Begin a graceful stop: stop accepting, finish in-flight commands.
     pub fn stop(&self) {
         if !self.shared.shutting_down.swap(true, Ordering::SeqCst) {
@@ -221,7 +248,11 @@ impl Server {
             peer_redis,
             metrics: (0..n).map(|_| Arc::new(crate::metrics::CoreMetrics::default())).collect(),
             draining: AtomicBool::new(false),
+            max_clients: AtomicUsize::new(0),
+            output_buffer_limit: AtomicUsize::new(0),
+            pubsub_output_buffer_limit: AtomicUsize::new(0),
         });
+        shared.set_limits(&shared.cfg.client);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartError>>(n);
         let mut threads = Vec::with_capacity(n);
         for (idx, rx) in rxs.into_iter().enumerate() {
@@ -520,6 +551,11 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
                     }
                 }
                 CoreMsg::Shutdown => core.shutdown.notify(),
+                CoreMsg::Reload { password, refuse_commands } => {
+                    let mut env = core.env.borrow_mut();
+                    env.password = password;
+                    env.refused = crate::session::Refused::new(&refuse_commands);
+                }
             }
         }
     }

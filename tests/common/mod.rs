@@ -533,6 +533,13 @@ impl Proxy {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Replace the config file this proxy was started with (`with_config`) and send SIGHUP.
+    pub fn reload_with(&self, toml: &str) {
+        let path = self.config.as_ref().expect("proxy was not started with_config");
+        std::fs::write(path, toml).expect("rewrite config");
+        signal(self.pid(), libc::SIGHUP);
+    }
+
     /// Send SIGTERM (graceful stop).
     pub fn terminate(&self) {
         signal(self.pid(), libc::SIGTERM);
