@@ -1118,3 +1118,39 @@ fn harness_relay_blackhole_holds_bytes_and_restore_delivers_them() {
     let v: Option<String> = c2.get("k").unwrap();
     assert_eq!(v.as_deref(), Some("v"));
 }
+
+// ---------------------------------------------------------------------------------------
+// A primary's sidecar leaving (SIGTERM, rolling update)
+// ---------------------------------------------------------------------------------------
+
+/// SIGTERM to the primary's sidecar: while it drains it hands the primary role to the peer's
+/// Redis (a switchover, not a failover), its own Redis follows, and no increment written
+/// through the other sidecar is lost or refused.
+#[test]
+fn draining_primary_sidecar_hands_the_role_over_and_loses_nothing() {
+    let mut pair = Pair::start_unsynced(PairOpts { drain_ms: 3000, ..native("all") });
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    let keys = ["ctr:0", "ctr:1", "ctr:2", "ctr:3"];
+    let load = IncrLoad::start(pair.b.port, &keys, 3, Duration::from_secs(2));
+    assert!(load.wait_more(300, SETTLE), "no progress through b");
+    let leaving = Instant::now();
+    let exit = std::thread::scope(|s| {
+        let a = &mut pair.a;
+        let t = s.spawn(move || a.terminate_proxy(Duration::from_secs(20)));
+        let handed = wait_until(Duration::from_secs(3), || {
+            status_of(pair.b.port).is_some_and(|st| st.get("role") == "primary")
+        });
+        let b_status = status_of(pair.b.port).map(|st| st.raw).unwrap_or_default();
+        assert!(handed, "b's Redis did not take the primary role while a drained\n{b_status}");
+        eprintln!("b primary {:?} after SIGTERM to a's sidecar", leaving.elapsed());
+        t.join().expect("terminate thread")
+    });
+    assert!(exit.is_some_and(|st| st.success()), "a's sidecar did not exit 0 after the drain: {exit:?}");
+    assert!(wait_until(SETTLE, || redis_role(pair.a.redis.port) == "slave"), "a's Redis is not b's replica");
+    assert!(load.wait_more(300, SETTLE), "writes through b did not go on after the handover");
+    let counts = load.finish();
+    eprintln!("acknowledged {}, indeterminate {} {:?}", counts.total_acked(), counts.total_indeterminate(), counts.errors);
+    assert_eq!(counts.total_indeterminate(), 0, "writes through b failed: {:?}", counts.errors);
+    wait_equal(&pair, SETTLE);
+    assert_counters(&pair, &counts, true);
+}

@@ -258,13 +258,18 @@ pub struct PeerReport {
     /// decision is about one run: a Redis restarted since (empty, or from an older snapshot)
     /// must be compared again, not adopted on a report that predates it.
     pub primary_run: String,
+    /// The sender is handing its primary role to us (it is leaving): hold writes until its
+    /// next decision.
+    pub handover: bool,
+    /// The sender holds its writes for our handover (the answer to `handover`).
+    pub handover_held: bool,
 }
 
 impl PeerReport {
     /// `key:value` lines.
     pub fn encode(&self) -> String {
         format!(
-            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\nprimary_run:{}\n",
+            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\nprimary_run:{}\nhandover:{}\nhandover_held:{}\n",
             self.id,
             self.epoch,
             self.primary,
@@ -273,7 +278,9 @@ impl PeerReport {
             self.merging as u8,
             self.priority,
             self.winner,
-            self.primary_run
+            self.primary_run,
+            self.handover as u8,
+            self.handover_held as u8
         )
     }
 
@@ -292,6 +299,8 @@ impl PeerReport {
                 "priority" => r.priority = v.parse().ok()?,
                 "winner" => r.winner = v.to_string(),
                 "primary_run" => r.primary_run = v.to_string(),
+                "handover" => r.handover = v == "1",
+                "handover_held" => r.handover_held = v == "1",
                 _ => {}
             }
         }
@@ -396,6 +405,13 @@ pub struct NativeNode {
     last_cmd: Option<(Command, u64)>,
     events: Vec<String>,
     failovers: u64,
+    /// This sidecar is leaving (drain): hand the primary role to the peer's Redis once it
+    /// holds everything ours does. `Some(since)` while under way.
+    handover: Option<u64>,
+    /// When the peer was first heard holding its writes for our handover.
+    handover_held_at: Option<u64>,
+    /// When `tick` last ran.
+    last_tick: u64,
 }
 
 impl NativeNode {
@@ -418,6 +434,9 @@ impl NativeNode {
             holding_for_peer: false,
             peer_confirmed_offset: 0,
             unsynced_logged: false,
+            handover: None,
+            handover_held_at: None,
+            last_tick: now,
             vetted: (String::new(), String::new()),
             local_synced: false,
             last_cmd: None,
@@ -485,6 +504,17 @@ impl NativeNode {
         }
     }
 
+    /// This sidecar is about to leave (SIGTERM drain): if its Redis is the primary and the
+    /// peer's is a linked replica, hold writes until the replica has everything, then make
+    /// the peer's Redis the primary and ours its replica (a switchover: no acknowledged write
+    /// can be lost and nobody waits for a failover timeout). Given up after the failover
+    /// timeout if the replica does not catch up.
+    pub fn hand_over(&mut self, now: u64) {
+        if self.handover.is_none() {
+            self.handover = Some(now);
+        }
+    }
+
     /// What to tell the peer.
     pub fn report(&self) -> PeerReport {
         PeerReport {
@@ -508,7 +538,15 @@ impl NativeNode {
                 Some(side) => self.vetted_run(side).to_string(),
                 None => String::new(),
             },
+            handover: self.handover.is_some() && self.primary == Some(Side::Local),
+            handover_held: self.holds_for_peer_handover(self.last_tick),
         }
+    }
+
+    /// The peer (the primary's side) is handing its role to us: our writes wait.
+    fn holds_for_peer_handover(&self, now: u64) -> bool {
+        self.primary == Some(Side::Peer)
+            && self.peer.as_ref().is_some_and(|(r, at)| r.handover && now < *at + self.cfg.failover_timeout_ms)
     }
 
     /// The peer's priority: as it reports it, else as configured.
@@ -567,8 +605,10 @@ impl NativeNode {
             Merge::Hosting(until) => now < until,
             Merge::Idle => false,
         };
+        let handing_over =
+            (self.handover.is_some() && self.primary == Some(Side::Local)) || self.holds_for_peer_handover(now);
         let writes = match self.primary {
-            _ if held => None,
+            _ if held || handing_over => None,
             Some(Side::Local) if l.is_some_and(|l| l.master) => Some(Side::Local),
             Some(Side::Peer) if p.is_some_and(|p| p.master) => Some(Side::Peer),
             _ => None,
@@ -634,6 +674,7 @@ impl NativeNode {
 
     /// Decide. Call after feeding the latest observations; carry out what comes back.
     pub fn tick(&mut self, now: u64) -> Vec<Command> {
+        self.last_tick = now;
         let mut out = Vec::new();
         let ft = self.cfg.failover_timeout_ms;
         if let Merge::Hosting(until) = self.merge {
@@ -659,6 +700,47 @@ impl NativeNode {
         if let (Some(l), Some(p)) = (&l, &p) {
             if l.master && !p.master && p.link_up && p.replid == l.replid {
                 self.peer_confirmed_offset = self.peer_confirmed_offset.max(p.offset);
+            }
+        }
+        if self.handover.is_none() {
+            self.handover_held_at = None;
+        }
+        if let Some(since) = self.handover {
+            if self.primary == Some(Side::Local) {
+                match (&l, &p) {
+                    (Some(l), Some(p)) if l.master && !p.master && p.link_up && !p.syncing && peer_alive => {
+                        // The peer's sidecar holds its writes (it writes into our Redis too):
+                        // acknowledged after we asked, and both Redis looked at since.
+                        if self.handover_held_at.is_none() {
+                            self.handover_held_at =
+                                self.peer.as_ref().filter(|(r, at)| r.handover_held && *at >= since).map(|(_, at)| *at);
+                        }
+                        let held_at = self.handover_held_at;
+                        let looked_since = |o: &Observed| held_at.is_some_and(|h| o.last_ok.is_some_and(|t| t > h));
+                        if looked_since(&self.local)
+                            && looked_since(&self.peer_redis)
+                            && p.replid == l.replid
+                            && p.offset >= l.offset
+                        {
+                            // The replica holds every write ours took (writes are held).
+                            self.handover = None;
+                            self.issue(now, Command::Promote(Side::Peer), &mut out);
+                            self.set_primary(Side::Peer, "handed over before this sidecar leaves");
+                            self.issue(now, Command::FollowPeer, &mut out);
+                            return out;
+                        }
+                    }
+                    _ => {
+                        self.handover = None;
+                        self.events.push("leaving: the peer's Redis is not a linked replica; no handover".into());
+                    }
+                }
+                if self.handover.is_some() && now.saturating_sub(since) > ft {
+                    self.handover = None;
+                    self.events.push("leaving: the replica did not catch up in time; no handover".into());
+                }
+            } else {
+                self.handover = None;
             }
         }
         let peer_claims = peer.as_ref().is_some_and(|r| r.primary == self.cfg.peer_id);
@@ -1203,6 +1285,57 @@ mod tests {
         assert_eq!(a.route(10).writes, Some(Side::Local));
         assert_eq!(b.route(10).writes, Some(Side::Peer));
         assert!(!b.route(10).reads_local, "b's Redis does not replicate yet");
+    }
+
+    #[test]
+    fn a_leaving_primary_hands_over_once_the_peer_holds_and_the_replica_caught_up() {
+        let mut a = NativeNode::new(cfg("a", 100, "b", 90), 0);
+        let mut b = NativeNode::new(cfg("b", 90, "a", 100), 0);
+        let mut t = 0;
+        let mut step = |a: &mut NativeNode, b: &mut NativeNode, t: u64, la: ReplInfo, lb: ReplInfo| {
+            a.on_local(t, Ok(la.clone()));
+            a.on_peer_redis(t, Ok(lb.clone()));
+            b.on_local(t, Ok(lb));
+            b.on_peer_redis(t, Ok(la));
+            let (ra, rb) = (a.report(), b.report());
+            a.on_peer_report(t, rb);
+            b.on_peer_report(t, ra);
+            (a.tick(t), b.tick(t))
+        };
+        let la = info(true, "A", 100);
+        let lb = info(false, "A", 100);
+        for _ in 0..3 {
+            t += 100;
+            step(&mut a, &mut b, t, la.clone(), lb.clone());
+        }
+        assert_eq!(a.primary(), Some(Side::Local));
+        assert_eq!(b.route(t).writes, Some(Side::Peer));
+        a.hand_over(t);
+        let mut switched = false;
+        for _ in 0..5 {
+            t += 100;
+            let (ca, _) = step(&mut a, &mut b, t, la.clone(), lb.clone());
+            assert_eq!(a.route(t).writes, None, "a holds while handing over");
+            if ca.contains(&Command::Promote(Side::Peer)) {
+                assert!(ca.contains(&Command::FollowPeer));
+                switched = true;
+                break;
+            }
+            assert_eq!(b.route(t).writes, None, "b holds for the handover");
+        }
+        assert!(switched, "a never handed over");
+        assert_eq!(a.primary(), Some(Side::Peer));
+        // b's Redis promoted, a's following it: b takes a's decision.
+        let pb = ReplInfo { replid: "B".into(), replid2: "A".into(), second_offset: 101, ..info(true, "B", 100) };
+        let pb = ReplInfo { run_id: lb.run_id.clone(), ..pb };
+        let fa = ReplInfo { run_id: la.run_id.clone(), link_up: true, ..info(false, "B", 100) };
+        for _ in 0..3 {
+            t += 100;
+            step(&mut a, &mut b, t, fa.clone(), pb.clone());
+        }
+        assert_eq!(b.primary(), Some(Side::Local));
+        assert_eq!(b.route(t).writes, Some(Side::Local));
+        assert_eq!(a.route(t).writes, Some(Side::Peer));
     }
 
     #[test]

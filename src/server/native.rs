@@ -557,8 +557,14 @@ impl Shell {
 }
 
 async fn decide_loop(shell: Rc<Shell>) {
+    let mut leaving = false;
     loop {
         let now = shell.now();
+        if !leaving && shell.core.shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            // SIGTERM: hand the primary role over while the drain runs.
+            leaving = true;
+            shell.node.borrow_mut().hand_over(now);
+        }
         let cmds = shell.node.borrow_mut().tick(now);
         for e in shell.node.borrow_mut().take_events() {
             info!("{e}");

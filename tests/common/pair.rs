@@ -455,6 +455,19 @@ impl Node {
         }
     }
 
+    /// SIGTERM the sidecar (graceful: drain, then stop) and wait at most `timeout` for it to
+    /// exit; its exit status.
+    pub fn terminate_proxy(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        super::signal(c.id(), libc::SIGTERM);
+        let st = super::wait_child(&mut c, timeout);
+        if st.is_none() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        st
+    }
+
     /// SIGSTOP the sidecar: alive but frozen (a stalled process, not a dead one).
     pub fn freeze_proxy(&self) {
         super::signal(self.proxy_pid(), libc::SIGSTOP);
@@ -565,6 +578,8 @@ pub struct PairOpts {
     pub io_driver: Option<&'static str>,
     /// A different secret for node b (to test that the peer link refuses it).
     pub b_secret: Option<String>,
+    /// `[node] drain_ms` of both nodes.
+    pub drain_ms: u64,
 }
 
 impl Default for PairOpts {
@@ -579,6 +594,7 @@ impl Default for PairOpts {
             relays: false,
             io_driver: None,
             b_secret: None,
+            drain_ms: 0,
         }
     }
 }
@@ -638,6 +654,7 @@ fn node_toml(
          peer_listen = \"127.0.0.1:{}\"\n\
          admin_listen = \"127.0.0.1:{}\"\n\
          threads = {}\n\
+         drain_ms = {}\n\
          [redis]\n\
          address = \"127.0.0.1:{my_redis}\"\n\
          [[peers]]\n\
@@ -654,6 +671,7 @@ fn node_toml(
         me.peer,
         me.admin,
         opts.threads,
+        opts.drain_ms,
         opts.mode,
         opts.write_ack,
         opts.failover_timeout_ms,
