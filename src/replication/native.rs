@@ -128,6 +128,26 @@ pub fn related(x: &ReplInfo, y: &ReplInfo) -> bool {
     a.iter().any(|id| b.contains(id))
 }
 
+/// How much history two Redis share: the offset up to which both hold the same writes
+/// (`None`: nothing in common).
+pub fn fork_point(x: &ReplInfo, y: &ReplInfo) -> Option<u64> {
+    let real = |id: &str| !id.is_empty() && id.bytes().any(|b| b != b'0');
+    let switched_at = |i: &ReplInfo| (i.second_offset > 0).then(|| i.second_offset as u64 - 1);
+    if real(&x.replid) && x.replid == y.replid {
+        return Some(x.offset.min(y.offset));
+    }
+    if real(&x.replid2) && x.replid2 == y.replid {
+        return switched_at(x).map(|f| f.min(y.offset));
+    }
+    if real(&y.replid2) && y.replid2 == x.replid {
+        return switched_at(y).map(|f| f.min(x.offset));
+    }
+    if real(&x.replid2) && x.replid2 == y.replid2 {
+        return switched_at(x).zip(switched_at(y)).map(|(a, b)| a.min(b));
+    }
+    None
+}
+
 /// How two Redis's histories relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holds {
@@ -263,13 +283,17 @@ pub struct PeerReport {
     pub handover: bool,
     /// The sender holds its writes for our handover (the answer to `handover`).
     pub handover_held: bool,
+    /// The furthest offset the sender saw our Redis hold as a linked replica of its own: a
+    /// merge into the sender's Redis may replace whole keys only from a copy that forked at
+    /// or after it (below it, our copy lacks writes the sender's holds).
+    pub confirmed: u64,
 }
 
 impl PeerReport {
     /// `key:value` lines.
     pub fn encode(&self) -> String {
         format!(
-            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\nprimary_run:{}\nhandover:{}\nhandover_held:{}\n",
+            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\nprimary_run:{}\nhandover:{}\nhandover_held:{}\nconfirmed:{}\n",
             self.id,
             self.epoch,
             self.primary,
@@ -280,7 +304,8 @@ impl PeerReport {
             self.winner,
             self.primary_run,
             self.handover as u8,
-            self.handover_held as u8
+            self.handover_held as u8,
+            self.confirmed
         )
     }
 
@@ -301,6 +326,7 @@ impl PeerReport {
                 "primary_run" => r.primary_run = v.to_string(),
                 "handover" => r.handover = v == "1",
                 "handover_held" => r.handover_held = v == "1",
+                "confirmed" => r.confirmed = v.parse().ok()?,
                 _ => {}
             }
         }
@@ -540,7 +566,16 @@ impl NativeNode {
             },
             handover: self.handover.is_some() && self.primary == Some(Side::Local),
             handover_held: self.holds_for_peer_handover(self.last_tick),
+            confirmed: self.peer_confirmed_offset,
         }
+    }
+
+    /// Whether a merge of our keys into the peer's Redis may replace the keys it holds: only
+    /// from a copy that forked from the peer's history at or after the point the peer saw
+    /// ours hold (see [`PeerReport::confirmed`]).
+    fn may_overwrite(&self, l: &ReplInfo, p: &ReplInfo) -> bool {
+        let confirmed = self.peer.as_ref().map_or(0, |(r, _)| r.confirmed);
+        fork_point(l, p).is_some_and(|f| f >= confirmed)
     }
 
     /// The peer (the primary's side) is handing its role to us: our writes wait.
@@ -823,7 +858,7 @@ impl NativeNode {
                     "two primaries after a partition: {} stays primary; merging this side's writes into it",
                     self.cfg.peer_id
                 ));
-                let overwrite = matches!((&l, &p), (Some(l), Some(p)) if related(l, p));
+                let overwrite = matches!((&l, &p), (Some(l), Some(p)) if self.may_overwrite(l, p));
                 self.issue(now, Command::Merge { overwrite }, &mut out);
             }
             if let Merge::Running(since) = self.merge {
@@ -1108,7 +1143,8 @@ impl NativeNode {
                                 "the local Redis holds writes {}'s lacks: merging them into it before following",
                                 self.cfg.peer_id
                             ));
-                            self.issue(now, Command::Merge { overwrite: related(l, p) }, out);
+                            let overwrite = self.may_overwrite(l, p);
+                            self.issue(now, Command::Merge { overwrite }, out);
                         }
                         _ => {
                             self.detached = false;
@@ -1292,7 +1328,7 @@ mod tests {
         let mut a = NativeNode::new(cfg("a", 100, "b", 90), 0);
         let mut b = NativeNode::new(cfg("b", 90, "a", 100), 0);
         let mut t = 0;
-        let mut step = |a: &mut NativeNode, b: &mut NativeNode, t: u64, la: ReplInfo, lb: ReplInfo| {
+        let step = |a: &mut NativeNode, b: &mut NativeNode, t: u64, la: ReplInfo, lb: ReplInfo| {
             a.on_local(t, Ok(la.clone()));
             a.on_peer_redis(t, Ok(lb.clone()));
             b.on_local(t, Ok(lb));
