@@ -302,6 +302,18 @@ fn render_replication(out: &mut String, status: &str) {
         ("merged_keys", "resplica_merged_keys_total", "counter", "Keys copied into the winner by partition merges."),
         ("conflict_keys", "resplica_conflict_keys_total", "counter", "Keys written on both sides of a partition (the winner's value kept)."),
         ("merges_failed", "resplica_merges_failed_total", "counter", "Partition merges that failed and were retried."),
+        (
+            "resyncs_full",
+            "resplica_replication_full_resyncs_total",
+            "counter",
+            "Full resyncs the primary Redis served since it started (its INFO stats sync_full).",
+        ),
+        (
+            "resyncs_partial",
+            "resplica_replication_partial_resyncs_total",
+            "counter",
+            "Partial resyncs the primary Redis accepted since it started (sync_partial_ok).",
+        ),
     ];
     for (k, name, kind, help) in gauges {
         if let Some(v) = number(k) {
@@ -340,7 +352,7 @@ mod tests {
             clients_connected: 3,
             draining: false,
             ready: true,
-            status: "role:primary\nepoch:4\nreplica_link:up\nreplica_lag_bytes:12\nreplica_lag_ms:250\n",
+            status: "role:primary\nepoch:4\nreplica_link:up\nreplica_lag_bytes:12\nreplica_lag_ms:250\nresyncs_full:2\n",
         };
         let text = render(&[&m], &snap);
         assert!(text.contains("resplica_commands_total{cmd=\"get\"} 2"), "{text}");
@@ -352,6 +364,7 @@ mod tests {
         assert!(text.contains("resplica_epoch 4"), "{text}");
         assert!(text.contains("resplica_replication_lag_seconds 0.25"), "{text}");
         assert!(text.contains("resplica_replica_link_up 1"), "{text}");
+        assert!(text.contains("resplica_replication_full_resyncs_total 2"), "{text}");
         assert!(text.contains("resplica_info{version=\"0\",io_driver=\"epoll\""), "{text}");
     }
 }

@@ -164,3 +164,17 @@ fn sighup_applies_live_settings_and_keeps_the_config_when_the_file_is_bad() {
         proxy.log_text()
     );
 }
+
+#[test]
+fn a_native_pair_counts_the_resyncs_its_primary_served() {
+    let pair = Pair::start_unsynced(native("local"));
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    let admin = pair.a.admin_port;
+    // b's Redis synced once from a's (a full sync: it started empty with its own history).
+    assert!(
+        wait_until(Duration::from_secs(5), || get(admin, "/metrics")
+            .is_some_and(|(_, m)| sample(&m, "resplica_replication_full_resyncs_total").is_some_and(|v| v >= 1.0))),
+        "{:?}",
+        get(admin, "/metrics").map(|r| r.1)
+    );
+}

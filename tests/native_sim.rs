@@ -227,6 +227,7 @@ impl Redis {
             link_up: !self.master && self.link_up,
             syncing: !self.master && self.syncing_until.is_some(),
             keys: self.data.len() as u64,
+            ..Default::default()
         }
     }
 

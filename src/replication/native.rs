@@ -45,6 +45,10 @@ pub struct ReplInfo {
     pub syncing: bool,
     /// Keys in all databases (`INFO keyspace`).
     pub keys: u64,
+    /// Full resyncs this Redis served as a primary since it started (`INFO stats` `sync_full`).
+    pub sync_full: u64,
+    /// Partial resyncs it accepted (`sync_partial_ok`).
+    pub sync_partial_ok: u64,
 }
 
 impl ReplInfo {
@@ -67,6 +71,8 @@ impl ReplInfo {
                 "second_repl_offset" => info.second_offset = v.parse().unwrap_or(-1),
                 "master_link_status" => info.link_up = v == "up",
                 "master_sync_in_progress" => info.syncing = v == "1",
+                "sync_full" => info.sync_full = v.parse().unwrap_or(0),
+                "sync_partial_ok" => info.sync_partial_ok = v.parse().unwrap_or(0),
                 _ if k.starts_with("db") && k[2..].bytes().all(|b| b.is_ascii_digit()) => {
                     let keys = v.split(',').find_map(|f| f.strip_prefix("keys=")).and_then(|n| n.parse::<u64>().ok());
                     info.keys += keys.unwrap_or(0);
@@ -434,6 +440,10 @@ pub struct NativeNode {
     /// This sidecar is leaving (drain): hand the primary role to the peer's Redis once it
     /// holds everything ours does. `Some(since)` while under way.
     handover: Option<u64>,
+    /// Since when our route holds writes for the peer's handover (decided at a tick, so
+    /// published to the lanes; answered as `handover_held` two polls later, once writes sent
+    /// before it had time to land).
+    holding_since: Option<u64>,
     /// When the peer was first heard holding its writes for our handover.
     handover_held_at: Option<u64>,
     /// When `tick` last ran.
@@ -462,6 +472,7 @@ impl NativeNode {
             unsynced_logged: false,
             handover: None,
             handover_held_at: None,
+            holding_since: None,
             last_tick: now,
             vetted: (String::new(), String::new()),
             local_synced: false,
@@ -565,7 +576,9 @@ impl NativeNode {
                 None => String::new(),
             },
             handover: self.handover.is_some() && self.primary == Some(Side::Local),
-            handover_held: self.holds_for_peer_handover(self.last_tick),
+            handover_held: self
+                .holding_since
+                .is_some_and(|since| self.last_tick >= since + 2 * self.poll_interval_ms()),
             confirmed: self.peer_confirmed_offset,
         }
     }
@@ -710,6 +723,11 @@ impl NativeNode {
     /// Decide. Call after feeding the latest observations; carry out what comes back.
     pub fn tick(&mut self, now: u64) -> Vec<Command> {
         self.last_tick = now;
+        if self.holds_for_peer_handover(now) {
+            self.holding_since.get_or_insert(now);
+        } else {
+            self.holding_since = None;
+        }
         let mut out = Vec::new();
         let ft = self.cfg.failover_timeout_ms;
         if let Merge::Hosting(until) = self.merge {
@@ -750,7 +768,8 @@ impl NativeNode {
                             self.handover_held_at =
                                 self.peer.as_ref().filter(|(r, at)| r.handover_held && *at >= since).map(|(_, at)| *at);
                         }
-                        let held_at = self.handover_held_at;
+                        let still_held = self.peer.as_ref().is_some_and(|(r, _)| r.handover_held);
+                        let held_at = self.handover_held_at.filter(|_| still_held);
                         let looked_since = |o: &Observed| held_at.is_some_and(|h| o.last_ok.is_some_and(|t| t > h));
                         if looked_since(&self.local)
                             && looked_since(&self.peer_redis)
@@ -760,8 +779,9 @@ impl NativeNode {
                             // The replica holds every write ours took (writes are held).
                             self.handover = None;
                             self.issue(now, Command::Promote(Side::Peer), &mut out);
+                            // Our Redis follows once the peer's is seen promoted (`follow`):
+                            // REPLICAOF sent before the promotion would race it.
                             self.set_primary(Side::Peer, "handed over before this sidecar leaves");
-                            self.issue(now, Command::FollowPeer, &mut out);
                             return out;
                         }
                     }
@@ -905,7 +925,9 @@ impl NativeNode {
                 }
                 self.events
                     .push(format!("following {}'s decision: primary is {} (epoch {})", r.id, r.primary, r.epoch));
-            } else if r.epoch > self.epoch {
+            } else if r.epoch > self.epoch && (same_run || theirs.is_none()) {
+                // A decision about a run we cannot see (yet) keeps its epoch above ours, so
+                // that it can still be adopted once that run is seen.
                 self.epoch = r.epoch;
             }
         }
@@ -1047,7 +1069,9 @@ impl NativeNode {
                 // The peer's sidecar says, in a report heard just now, that its Redis is down.
                 let peer_confirms_down = self.peer_heard_within(now, ft / 2)
                     && self.peer.as_ref().is_some_and(|(r, _)| !r.redis_up);
-                if waited && peer_held_more && !(peer_confirms_down && l.master) {
+                // Even when the peer's sidecar says its Redis is down: down is not gone, and it
+                // may come back holding the writes ours lacks.
+                if waited && peer_held_more {
                     if !self.holding_for_peer {
                         self.holding_for_peer = true;
                         self.events.push(format!(
@@ -1241,6 +1265,7 @@ mod tests {
             link_up: !master,
             syncing: false,
             keys: offset / 10,
+            ..Default::default()
         }
     }
 
@@ -1348,12 +1373,11 @@ mod tests {
         assert_eq!(b.route(t).writes, Some(Side::Peer));
         a.hand_over(t);
         let mut switched = false;
-        for _ in 0..5 {
+        for _ in 0..10 {
             t += 100;
             let (ca, _) = step(&mut a, &mut b, t, la.clone(), lb.clone());
             assert_eq!(a.route(t).writes, None, "a holds while handing over");
             if ca.contains(&Command::Promote(Side::Peer)) {
-                assert!(ca.contains(&Command::FollowPeer));
                 switched = true;
                 break;
             }

@@ -193,7 +193,15 @@ async fn observe_loop(shell: Rc<Shell>, side: Side) {
             }
         }
         let Some(s) = conn.as_mut() else { continue };
-        let cmd = vec![vec![b"INFO".to_vec(), b"server".to_vec(), b"replication".to_vec(), b"keyspace".to_vec()]];
+        // An answer says how the Redis was when asked: stamp it with the time of the question.
+        let asked = shell.now();
+        let cmd = vec![vec![
+            b"INFO".to_vec(),
+            b"server".to_vec(),
+            b"replication".to_vec(),
+            b"keyspace".to_vec(),
+            b"stats".to_vec(),
+        ]];
         match roundtrip(s, &cmd, timeout).await {
             Ok(replies) => {
                 let text = replies.first().map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
@@ -203,7 +211,7 @@ async fn observe_loop(shell: Rc<Shell>, side: Side) {
                             info!(redis = %addr, "{} Redis answers again", side_name(side));
                             last_err.clear();
                         }
-                        record(&shell, side, Ok(info));
+                        record_at(&shell, side, asked, Ok(info));
                     }
                     None => {
                         let e = format!("unexpected INFO reply: {}", text.lines().next().unwrap_or(""));
@@ -237,7 +245,10 @@ fn side_name(side: Side) -> &'static str {
 }
 
 fn record(shell: &Shell, side: Side, seen: Result<ReplInfo, Unreachable>) {
-    let now = shell.now();
+    record_at(shell, side, shell.now(), seen)
+}
+
+fn record_at(shell: &Shell, side: Side, now: u64, seen: Result<ReplInfo, Unreachable>) {
     let mut node = shell.node.borrow_mut();
     match side {
         Side::Local => node.on_local(now, seen),
@@ -526,6 +537,11 @@ impl Shell {
             self.caught_up_at.set(now);
         }
         let _ = writeln!(s, "replica_link:{}", if replica_linked { "up" } else { "down" });
+        // Served by the primary Redis since it started (Redis's own counters).
+        if let Some(pi) = primary_info {
+            let _ = writeln!(s, "resyncs_full:{}", pi.sync_full);
+            let _ = writeln!(s, "resyncs_partial:{}", pi.sync_partial_ok);
+        }
         let _ = writeln!(s, "replica_lag_bytes:{}", lag.map_or("-".to_string(), |l| l.to_string()));
         // How long since the replica last held everything the primary did (as both were
         // polled; up to one poll interval of skew).
