@@ -170,14 +170,16 @@ fn run(cli: Cli, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
         set_log_filter(&cfg.node.log_level).map_err(|e| anyhow::anyhow!("bad configuration: node.log_level: {e}"))?;
     }
     let running = cfg.clone();
-    let server = resplica::server::Server::start(cfg).context("cannot start")?;
-    let control = server.stop_handle();
+    // Before the listeners open: a SIGHUP or SIGTERM from then on is ours, not the default
+    // action (which would kill the process).
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ])
     .context("cannot install signal handlers")?;
+    let server = resplica::server::Server::start(cfg).context("cannot start")?;
+    let control = server.stop_handle();
     std::thread::Builder::new()
         .name("resplica-signals".into())
         .spawn(move || on_signals(signals, cli, running, control, set_log_filter, rust_log))
@@ -230,8 +232,7 @@ fn on_signals(
                 "draining: /readyz answers 503, still serving until the drain period ends"
             );
             control.drain();
-            draining_until =
-                Some(std::time::Instant::now() + std::time::Duration::from_millis(running.node.drain_ms));
+            draining_until = Some(std::time::Instant::now() + std::time::Duration::from_millis(running.node.drain_ms));
             continue;
         }
         break;
@@ -319,7 +320,11 @@ fn reload(
     );
     // What a restart would change stays as it runs; the live part is the new file's.
     let mut next = running.clone();
-    next.client = new.client.clone();
+    next.client.password = new.client.password.clone();
+    next.client.max_clients = new.client.max_clients;
+    next.client.output_buffer_limit = new.client.output_buffer_limit;
+    next.client.pubsub_output_buffer_limit = new.client.pubsub_output_buffer_limit;
+    next.client.refuse_commands = new.client.refuse_commands.clone();
     next.node.drain_ms = new.node.drain_ms;
     next.node.log_level = new.node.log_level.clone();
     *running = next;

@@ -15,7 +15,8 @@ use crate::command::{table::COMMANDS, CommandDef};
 
 /// Upper bounds of the command latency histogram, in microseconds (request parsed to reply
 /// ready, as the proxy sees it).
-pub const LATENCY_BUCKETS_US: [u64; 12] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+pub const LATENCY_BUCKETS_US: [u64; 12] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
 
 /// Commands not in the table (unknown names) are counted under this index.
 pub fn unknown_command() -> u16 {
@@ -244,9 +245,12 @@ pub fn render(cores: &[&CoreMetrics], snap: &Snapshot) -> String {
             let _ = writeln!(out, "{name}{{redis=\"{label}\"}} {v}");
         }
     };
-    upstream_family(&mut out, "resplica_upstream_batches_total", "Batched writes sent to a Redis on shared connections.", &|u| {
-        u.batches.get()
-    });
+    upstream_family(
+        &mut out,
+        "resplica_upstream_batches_total",
+        "Batched writes sent to a Redis on shared connections.",
+        &|u| u.batches.get(),
+    );
     upstream_family(
         &mut out,
         "resplica_upstream_commands_total",
@@ -269,9 +273,8 @@ pub fn render(cores: &[&CoreMetrics], snap: &Snapshot) -> String {
 
 /// Replication figures from the status text.
 fn render_replication(out: &mut String, status: &str) {
-    let field = |k: &str| {
-        status.lines().find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim())
-    };
+    let field =
+        |k: &str| status.lines().find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim());
     let number = |k: &str| field(k).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok());
     if let Some(role) = field("role") {
         family(out, "resplica_role", "gauge", "This node's role (1 for the current one).");
@@ -285,7 +288,12 @@ fn render_replication(out: &mut String, status: &str) {
     let gauges = [
         ("epoch", "resplica_epoch", "gauge", "The pair's epoch as this node knows it."),
         ("failovers", "resplica_failovers_total", "counter", "Failovers this node carried out."),
-        ("replica_lag_bytes", "resplica_replication_lag_bytes", "gauge", "Replication offset lag of the replica Redis."),
+        (
+            "replica_lag_bytes",
+            "resplica_replication_lag_bytes",
+            "gauge",
+            "Replication offset lag of the replica Redis.",
+        ),
         ("recorded_keys", "resplica_recorded_keys", "gauge", "Keys recorded while cut off from the peer."),
         (
             "acks_on_primary_alone",
@@ -300,7 +308,12 @@ fn render_replication(out: &mut String, status: &str) {
             "Writes whose WAIT did not confirm a replica copy.",
         ),
         ("merged_keys", "resplica_merged_keys_total", "counter", "Keys copied into the winner by partition merges."),
-        ("conflict_keys", "resplica_conflict_keys_total", "counter", "Keys written on both sides of a partition (the winner's value kept)."),
+        (
+            "conflict_keys",
+            "resplica_conflict_keys_total",
+            "counter",
+            "Keys written on both sides of a partition (the winner's value kept).",
+        ),
         ("merges_failed", "resplica_merges_failed_total", "counter", "Partition merges that failed and were retried."),
         (
             "resyncs_full",
@@ -352,7 +365,8 @@ mod tests {
             clients_connected: 3,
             draining: false,
             ready: true,
-            status: "role:primary\nepoch:4\nreplica_link:up\nreplica_lag_bytes:12\nreplica_lag_ms:250\nresyncs_full:2\n",
+            status:
+                "role:primary\nepoch:4\nreplica_link:up\nreplica_lag_bytes:12\nreplica_lag_ms:250\nresyncs_full:2\n",
         };
         let text = render(&[&m], &snap);
         assert!(text.contains("resplica_commands_total{cmd=\"get\"} 2"), "{text}");

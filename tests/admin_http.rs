@@ -124,7 +124,8 @@ fn sighup_applies_live_settings_and_keeps_the_config_when_the_file_is_bad() {
     let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
 
     // A password and a refused command, live.
-    proxy.reload_with(&format!("{base}\n[client]\npassword = \"s3cret\"\nrefuse_commands = [\"FLUSHALL\", \"KEYS\"]\n"));
+    proxy
+        .reload_with(&format!("{base}\n[client]\npassword = \"s3cret\"\nrefuse_commands = [\"FLUSHALL\", \"KEYS\"]\n"));
     assert!(
         wait_until(Duration::from_secs(5), || proxy.log_text().contains("configuration reloaded")),
         "{}",
@@ -146,11 +147,7 @@ fn sighup_applies_live_settings_and_keeps_the_config_when_the_file_is_bad() {
 
     // A bad file: refused, logged, the running settings stay.
     proxy.reload_with("[node]\nthreads = \"many\"\n");
-    assert!(
-        wait_until(Duration::from_secs(5), || proxy.log_text().contains("reload refused")),
-        "{}",
-        proxy.log_text()
-    );
+    assert!(wait_until(Duration::from_secs(5), || proxy.log_text().contains("reload refused")), "{}", proxy.log_text());
     let mut again = proxy.conn();
     let _: () = redis::cmd("AUTH").arg("s3cret").query(&mut again).unwrap();
     let v: String = redis::cmd("GET").arg("k").query(&mut again).unwrap();
@@ -172,8 +169,11 @@ fn a_native_pair_counts_the_resyncs_its_primary_served() {
     let admin = pair.a.admin_port;
     // b's Redis synced once from a's (a full sync: it started empty with its own history).
     assert!(
-        wait_until(Duration::from_secs(5), || get(admin, "/metrics")
-            .is_some_and(|(_, m)| sample(&m, "resplica_replication_full_resyncs_total").is_some_and(|v| v >= 1.0))),
+        wait_until(Duration::from_secs(5), || get(admin, "/metrics").is_some_and(|(_, m)| sample(
+            &m,
+            "resplica_replication_full_resyncs_total"
+        )
+        .is_some_and(|v| v >= 1.0))),
         "{:?}",
         get(admin, "/metrics").map(|r| r.1)
     );

@@ -1137,9 +1137,8 @@ fn draining_primary_sidecar_hands_the_role_over_and_loses_nothing() {
     let exit = std::thread::scope(|s| {
         let a = &mut pair.a;
         let t = s.spawn(move || a.terminate_proxy(Duration::from_secs(20)));
-        let handed = wait_until(Duration::from_secs(3), || {
-            status_of(pair.b.port).is_some_and(|st| st.get("role") == "primary")
-        });
+        let handed =
+            wait_until(Duration::from_secs(3), || status_of(pair.b.port).is_some_and(|st| st.get("role") == "primary"));
         let b_status = status_of(pair.b.port).map(|st| st.raw).unwrap_or_default();
         assert!(handed, "b's Redis did not take the primary role while a drained\n{b_status}");
         eprintln!("b primary {:?} after SIGTERM to a's sidecar", leaving.elapsed());
@@ -1149,7 +1148,12 @@ fn draining_primary_sidecar_hands_the_role_over_and_loses_nothing() {
     assert!(wait_until(SETTLE, || redis_role(pair.a.redis.port) == "slave"), "a's Redis is not b's replica");
     assert!(load.wait_more(300, SETTLE), "writes through b did not go on after the handover");
     let counts = load.finish();
-    eprintln!("acknowledged {}, indeterminate {} {:?}", counts.total_acked(), counts.total_indeterminate(), counts.errors);
+    eprintln!(
+        "acknowledged {}, indeterminate {} {:?}",
+        counts.total_acked(),
+        counts.total_indeterminate(),
+        counts.errors
+    );
     assert_eq!(counts.total_indeterminate(), 0, "writes through b failed: {:?}", counts.errors);
     wait_equal(&pair, SETTLE);
     assert_counters(&pair, &counts, true);

@@ -1067,8 +1067,8 @@ impl NativeNode {
                     .as_ref()
                     .is_some_and(|last| !matches!(compare(l, last), Holds::First | Holds::Equal));
                 // The peer's sidecar says, in a report heard just now, that its Redis is down.
-                let peer_confirms_down = self.peer_heard_within(now, ft / 2)
-                    && self.peer.as_ref().is_some_and(|(r, _)| !r.redis_up);
+                let peer_confirms_down =
+                    self.peer_heard_within(now, ft / 2) && self.peer.as_ref().is_some_and(|(r, _)| !r.redis_up);
                 // Even when the peer's sidecar says its Redis is down: down is not gone, and it
                 // may come back holding the writes ours lacks.
                 if waited && peer_held_more {
@@ -1127,8 +1127,7 @@ impl NativeNode {
                     // may not have written yet at this look, but it is the elected primary and
                     // takes writes now: our tail is merged into it (a fork), it is not a copy
                     // that "holds less" to be replaced.
-                    let successor =
-                        p.second_offset > 0 && p.replid2 == l.replid && l.offset >= p.second_offset as u64;
+                    let successor = p.second_offset > 0 && p.replid2 == l.replid && l.offset >= p.second_offset as u64;
                     if holds == Holds::First && successor {
                         holds = Holds::Diverged;
                     }

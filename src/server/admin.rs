@@ -27,56 +27,75 @@ use crate::route::WriteTarget;
 const MAX_HTTP_HEAD: usize = 8 * 1024;
 /// How long `/readyz` waits for the local Redis to answer PING (single node and mirror mode).
 const READY_PING_TIMEOUT_MS: u64 = 500;
+/// An admin connection that sends nothing for this long is closed (probes and scrapers send
+/// their request at once; this bounds what an idle or trickling client holds).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once, at most; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Accept admin connections forever.
 pub(crate) async fn serve(core: Rc<Core>, listener: TcpListener) {
+    let open = Rc::new(std::cell::Cell::new(0usize));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             monoio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        if open.get() >= MAX_CONNECTIONS {
+            drop(stream);
+            continue;
+        }
+        open.set(open.get() + 1);
         let core = core.clone();
+        let open = open.clone();
         monoio::spawn(async move {
-            let (mut rd, mut wr) = stream.into_split();
-            let mut parser = RequestParser::new(1 << 20);
-            let mut buf = BytesMut::with_capacity(4096);
-            loop {
-                let (res, b) = read_more(&mut rd, buf, 0).await;
-                buf = b;
-                if !matches!(res, Ok(n) if n > 0) {
-                    return;
-                }
-                if is_http(&buf) {
-                    let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") else {
-                        if buf.len() > MAX_HTTP_HEAD {
-                            let _ = wr.write_all(http(431, "text/plain", "request header too large\n", false)).await;
-                            return;
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    let reply = answer_http(&core, &head).await;
-                    let _ = wr.write_all(reply).await;
-                    // One request per connection (Connection: close): probes and scrapes
-                    // open a new one each time anyway.
-                    return;
-                }
-                loop {
-                    let req: Request = match parser.parse(&mut buf) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(e) => {
-                            let _ = wr.write_all(resp::error(&format!("ERR {e}"))).await;
-                            return;
-                        }
-                    };
-                    let reply = answer_resp(&core, &req);
-                    if wr.write_all(reply).await.0.is_err() {
-                        return;
-                    }
-                }
-            }
+            serve_conn(core, stream).await;
+            open.set(open.get() - 1);
         });
+    }
+}
+
+async fn serve_conn(core: Rc<Core>, stream: monoio::net::TcpStream) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut parser = RequestParser::new(1 << 20);
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let Ok((res, b)) = monoio::time::timeout(IDLE_TIMEOUT, read_more(&mut rd, buf, 0)).await else {
+            return;
+        };
+        buf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            return;
+        }
+        if is_http(&buf) {
+            let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") else {
+                if buf.len() > MAX_HTTP_HEAD {
+                    let _ = wr.write_all(http(431, "text/plain", "request header too large\n", false)).await;
+                    return;
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let reply = answer_http(&core, &head).await;
+            let _ = wr.write_all(reply).await;
+            // One request per connection (Connection: close): probes and scrapes
+            // open a new one each time anyway.
+            return;
+        }
+        loop {
+            let req: Request = match parser.parse(&mut buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = wr.write_all(resp::error(&format!("ERR {e}"))).await;
+                    return;
+                }
+            };
+            let reply = answer_resp(&core, &req);
+            if wr.write_all(reply).await.0.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -88,14 +107,16 @@ fn is_http(buf: &[u8]) -> bool {
 
 fn answer_resp(core: &Core, req: &Request) -> bytes::Bytes {
     let name = req.arg(0).to_ascii_lowercase();
-    let is_status = name == b"status"
-        || (name == b"resplica" && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"status"));
+    let is_status =
+        name == b"status" || (name == b"resplica" && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"status"));
     if is_status {
         resp::bulk(status_text(core).as_bytes())
     } else if name == b"ping" {
         resp::simple("PONG")
     } else {
-        resp::error("ERR the admin port answers RESPLICA STATUS and PING (and HTTP GET /livez /readyz /status /metrics)")
+        resp::error(
+            "ERR the admin port answers RESPLICA STATUS and PING (and HTTP GET /livez /readyz /status /metrics)",
+        )
     }
 }
 
@@ -154,9 +175,7 @@ async fn readiness(core: &Core) -> Result<(), String> {
     }
     if let Some(route) = &shared.native {
         return match route.writes() {
-            WriteTarget::Hold => {
-                Err("no primary Redis now (the pair is forming, failing over or merging)".into())
-            }
+            WriteTarget::Hold => Err("no primary Redis now (the pair is forming, failing over or merging)".into()),
             WriteTarget::Local | WriteTarget::Peer => Ok(()),
         };
     }

@@ -395,6 +395,8 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     Ok(Some(r)) => (r, true),
                     Ok(None) => break,
                     Err(e) => {
+                        // Not a request: no command's figures.
+                        client.stamp.set(None);
                         client.push_local(resp::error(&format!("ERR {e}")));
                         break 'conn;
                     }

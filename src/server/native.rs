@@ -740,7 +740,12 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool) -> Result<(), String> {
                 // Deleted here: deleted there too, unless the histories share nothing (then
                 // the peer's key was never ours to delete).
                 _ if overwrite => writes.push(vec![b"DEL".to_vec(), k.to_vec()]),
-                _ => writes.push(vec![b"PING".to_vec()]),
+                _ => {
+                    // Our delete loses to their key: a conflict, counted like the others.
+                    conflicts += 1;
+                    kept_theirs += 1;
+                    writes.push(vec![b"PING".to_vec()]);
+                }
             }
         }
         let res = roundtrip(&mut dst, &writes, timeout).await?;
@@ -762,7 +767,7 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool) -> Result<(), String> {
     shell.conflict_keys.set(shell.conflict_keys.get() + conflicts);
     shell.route.clear_recorded();
     info!(
-        merged = copy.len(),
+        merged = copy.len() as u64 - kept_theirs,
         conflicts,
         "partition merge: this side's writes copied into {}'s Redis (conflicting keys keep its value)",
         shell.peer_id

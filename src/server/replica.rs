@@ -1035,4 +1035,3 @@ async fn scan_keys(repl: &Rc<Repl>, t: usize, gen: u64) -> Result<(), String> {
     }
     Ok(())
 }
-
