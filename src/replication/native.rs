@@ -448,6 +448,8 @@ pub struct NativeNode {
     handover_held_at: Option<u64>,
     /// When `tick` last ran.
     last_tick: u64,
+    /// We sent `REPLICAOF NO ONE` to the peer's Redis (handover) and wait to see it primary.
+    awaiting_peer_promotion: Option<u64>,
 }
 
 impl NativeNode {
@@ -474,6 +476,7 @@ impl NativeNode {
             handover_held_at: None,
             holding_since: None,
             last_tick: now,
+            awaiting_peer_promotion: None,
             vetted: (String::new(), String::new()),
             local_synced: false,
             last_cmd: None,
@@ -779,6 +782,7 @@ impl NativeNode {
                             // The replica holds every write ours took (writes are held).
                             self.handover = None;
                             self.issue(now, Command::Promote(Side::Peer), &mut out);
+                            self.awaiting_peer_promotion = Some(now);
                             // Our Redis follows once the peer's is seen promoted (`follow`):
                             // REPLICAOF sent before the promotion would race it.
                             self.set_primary(Side::Peer, "handed over before this sidecar leaves");
@@ -1113,6 +1117,15 @@ impl NativeNode {
         out: &mut Vec<Command>,
     ) {
         let ft = self.cfg.failover_timeout_ms;
+        if let Some(since) = self.awaiting_peer_promotion {
+            // We promoted the peer's Redis: looks taken before that took effect show it a
+            // replica still, and acting on them would undo the decision.
+            if p.as_ref().is_some_and(|p| p.master) || now >= since + ft {
+                self.awaiting_peer_promotion = None;
+            } else {
+                return;
+            }
+        }
         let restarted = self
             .peer_redis
             .info
