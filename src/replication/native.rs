@@ -293,13 +293,15 @@ pub struct PeerReport {
     /// merge into the sender's Redis may replace whole keys only from a copy that forked at
     /// or after it (below it, our copy lacks writes the sender's holds).
     pub confirmed: u64,
+    /// The replid of the sender's history `confirmed` is an offset of.
+    pub confirmed_replid: String,
 }
 
 impl PeerReport {
     /// `key:value` lines.
     pub fn encode(&self) -> String {
         format!(
-            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\nprimary_run:{}\nhandover:{}\nhandover_held:{}\nconfirmed:{}\n",
+            "id:{}\nepoch:{}\nprimary:{}\nredis_up:{}\nrecording:{}\nmerging:{}\npriority:{}\nwinner:{}\nprimary_run:{}\nhandover:{}\nhandover_held:{}\nconfirmed:{}\nconfirmed_replid:{}\n",
             self.id,
             self.epoch,
             self.primary,
@@ -311,7 +313,8 @@ impl PeerReport {
             self.primary_run,
             self.handover as u8,
             self.handover_held as u8,
-            self.confirmed
+            self.confirmed,
+            self.confirmed_replid
         )
     }
 
@@ -333,6 +336,7 @@ impl PeerReport {
                 "handover" => r.handover = v == "1",
                 "handover_held" => r.handover_held = v == "1",
                 "confirmed" => r.confirmed = v.parse().ok()?,
+                "confirmed_replid" => r.confirmed_replid = v.to_string(),
                 _ => {}
             }
         }
@@ -426,6 +430,8 @@ pub struct NativeNode {
     /// The furthest offset the peer's Redis was seen holding as a linked replica of ours:
     /// writes up to it were confirmed there and are recorded nowhere.
     peer_confirmed_offset: u64,
+    /// The replid of our Redis's history that offset is in.
+    peer_confirmed_replid: String,
     /// "Not synced, no failover" was logged.
     unsynced_logged: bool,
     /// The runs of the local and the peer's Redis the last tick decided on.
@@ -471,6 +477,7 @@ impl NativeNode {
             holding_for_local: false,
             holding_for_peer: false,
             peer_confirmed_offset: 0,
+            peer_confirmed_replid: String::new(),
             unsynced_logged: false,
             handover: None,
             handover_held_at: None,
@@ -583,6 +590,7 @@ impl NativeNode {
                 .holding_since
                 .is_some_and(|since| self.last_tick >= since + 2 * self.poll_interval_ms()),
             confirmed: self.peer_confirmed_offset,
+            confirmed_replid: self.peer_confirmed_replid.clone(),
         }
     }
 
@@ -590,7 +598,10 @@ impl NativeNode {
     /// from a copy that forked from the peer's history at or after the point the peer saw
     /// ours hold (see [`PeerReport::confirmed`]).
     fn may_overwrite(&self, l: &ReplInfo, p: &ReplInfo) -> bool {
-        let confirmed = self.peer.as_ref().map_or(0, |(r, _)| r.confirmed);
+        // Only an offset of a history our copy shares counts (after both lost theirs, the old
+        // figure says nothing about the new one).
+        let shared = |id: &str| !id.is_empty() && (l.replid == id || l.replid2 == id);
+        let confirmed = self.peer.as_ref().filter(|(r, _)| shared(&r.confirmed_replid)).map_or(0, |(r, _)| r.confirmed);
         fork_point(l, p).is_some_and(|f| f >= confirmed)
     }
 
@@ -755,6 +766,11 @@ impl NativeNode {
         }
         if let (Some(l), Some(p)) = (&l, &p) {
             if l.master && !p.master && p.link_up && p.replid == l.replid {
+                if self.peer_confirmed_replid != l.replid {
+                    // Offsets of another history do not compare with this one's.
+                    self.peer_confirmed_replid = l.replid.clone();
+                    self.peer_confirmed_offset = 0;
+                }
                 self.peer_confirmed_offset = self.peer_confirmed_offset.max(p.offset);
             }
         }
