@@ -2,7 +2,8 @@
 //! `/metrics` on the admin port serves.
 //!
 //! Each core owns one [`CoreMetrics`] and is its only writer: an increment is a relaxed load
-//! and store of its own cache lines (no lock prefix, no sharing between cores). A scrape sums
+//! and store in that core's own allocations (no lock prefix, no read-modify-write shared with
+//! another core). A scrape sums
 //! every core's values, so counters never reset while the process lives. Replication figures
 //! (role, epoch, lag, merges) come from the status text the control plane publishes: one
 //! source for `RESPLICA STATUS`, `/status` and `/metrics`. No I/O here.
@@ -83,6 +84,7 @@ pub struct UpstreamMetrics {
 }
 
 /// One core's counters.
+#[repr(align(128))]
 pub struct CoreMetrics {
     calls: Box<[Counter]>,
     errors: Box<[Counter]>,

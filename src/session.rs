@@ -301,6 +301,9 @@ pub struct Session {
     tracking: bool,
     /// The command being handled (top-level name, subcommand name).
     cmd: (&'static str, Option<&'static str>),
+    /// The top-level command of the request being decided (`None`: unknown), for the
+    /// shell's per-command metrics: one table lookup per request.
+    current: Option<&'static command::CommandDef>,
     inflight: Inflight,
     /// Pair mode, inside MULTI: the queued commands (sent as one block at EXEC).
     queued: Vec<Bytes>,
@@ -411,6 +414,7 @@ impl Session {
             raw: false,
             tracking: false,
             cmd: ("NULL", None),
+            current: None,
             inflight: Inflight::default(),
             queued: Vec::new(),
             queue_failed: false,
@@ -446,6 +450,11 @@ impl Session {
 
     /// Decide what to do with one request. Changes state only when the answer is not `Wait`
     /// or `Hold`.
+    /// The top-level command of the last request `on_request` saw (`None`: unknown).
+    pub fn current_command(&self) -> Option<&'static command::CommandDef> {
+        self.current
+    }
+
     pub fn on_request(&mut self, req: &Request, env: &SessionEnv) -> Action {
         let action = self.decide(req, env);
         let Action::Forward(f) = &action else { return action };
@@ -470,6 +479,7 @@ impl Session {
     }
 
     fn decide(&mut self, req: &Request, env: &SessionEnv) -> Action {
+        self.current = None;
         if req.is_empty() {
             return Action::Nothing;
         }
@@ -487,6 +497,7 @@ impl Session {
             Some((t, d)) => (Some(t), Some(d)),
             None => (None, None),
         };
+        self.current = top;
         if let Some(t) = top {
             self.cmd = (t.name, def.filter(|d| !std::ptr::eq(*d, t)).map(|d| d.name));
         }

@@ -384,8 +384,8 @@ pub enum Command {
 /// Where requests go right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
-    /// The primary Redis writes go to; `None`: hold them (the pair is forming, failing over
-    /// or merging).
+    /// The primary Redis writes go to; `None`: hold them (the pair is forming, failing over,
+    /// merging, or handing the primary role over).
     pub writes: Option<Side>,
     /// Reads may use the local Redis (it is the primary, or a replica whose link is up).
     pub reads_local: bool,

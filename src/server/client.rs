@@ -402,17 +402,22 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     }
                 },
             };
-            if fresh {
-                // A held request run again keeps its first stamp (and is counted once).
-                let cmd = crate::command::lookup_command(req.arg(0))
-                    .map_or_else(crate::metrics::unknown_command, crate::metrics::command_index);
-                client.core.metrics.call(cmd);
-                client.stamp.set(Some((cmd, Instant::now())));
-            }
+            let parsed_at = fresh.then(Instant::now);
             let action = {
                 let env = client.core.env.borrow();
                 client.session.borrow_mut().on_request(&req, &env)
             };
+            if let Some(at) = parsed_at {
+                // A held request run again keeps its first stamp (and is counted once). The
+                // session looked the command up already: its answer names the counter.
+                let cmd = client
+                    .session
+                    .borrow()
+                    .current_command()
+                    .map_or_else(crate::metrics::unknown_command, crate::metrics::command_index);
+                client.core.metrics.call(cmd);
+                client.stamp.set(Some((cmd, at)));
+            }
             client.publish_info();
             // Native mode: a command whose Redis connection is down right now (a failover
             // under way) waits like a held one instead of failing at once.
