@@ -1133,6 +1133,11 @@ impl NativeNode {
         out: &mut Vec<Command>,
     ) {
         let ft = self.cfg.failover_timeout_ms;
+        if self.holding_since.is_some() {
+            // The peer is handing its role to us: our Redis may already be promoted while
+            // its decision is on the way; following its Redis now would undo the handover.
+            return;
+        }
         if let Some(since) = self.awaiting_peer_promotion {
             // We promoted the peer's Redis: looks taken before that took effect show it a
             // replica still, and acting on them would undo the decision.
