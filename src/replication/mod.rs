@@ -4,6 +4,8 @@
 //!   full resync and partition merge copies, blocking pops and WATCH.
 //! - [`effects`]: how a write is shipped so that replicas end equal (absolute expiry,
 //!   SPOP → SREM, key copies).
+//! - [`mirror`]: mirror mode's control plane around membership: hold / forward / sequence,
+//!   the reference copy on a role change, replica-stream freshness and rebuilds, local reads.
 //! - [`native`]: native mode's control plane (Redis's own replication, steered): roles from
 //!   evidence, failover, routing, partition recording and merge decisions.
 //! - [`reply`]: the reply shapes the above look inside.
@@ -12,6 +14,7 @@
 
 pub mod effects;
 pub mod membership;
+pub mod mirror;
 pub mod native;
 pub mod reply;
 pub mod sequencer;

@@ -4,11 +4,13 @@
 //! status text. Requests on the writer path arrive here from every core (`Lane::Writer`);
 //! a follower forwards them to the writer over the peer link.
 //!
-//! No replication decision is made here: they are the sans-IO core's. This module connects,
-//! reads, writes, keeps time and hands results back.
+//! No replication decision is made here: roles, where a request goes (hold / forward /
+//! sequence), the reference copy on a role change, replica-stream freshness and rebuilds, and
+//! local-read gating are `replication::mirror`'s; ordering and acks are the `Sequencer`'s.
+//! This module connects, reads, writes, keeps time and hands results back.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -25,7 +27,8 @@ use super::peer::{self, LinkWait, PeerConn, PeerLink};
 use super::{Core, Signal};
 use crate::command;
 use crate::config::WriteAck;
-use crate::replication::membership::{Decision, Membership, Report, Role};
+use crate::replication::membership::{Decision, Report, Role};
+use crate::replication::mirror::{ForwardedPath, MirrorControl, WriterPath};
 use crate::replication::sequencer::{Origin, ReplicaState, Sequencer};
 use crate::resp::{self, ReplySkimmer, RequestParser};
 
@@ -62,33 +65,21 @@ pub(crate) struct Held {
 pub(crate) struct Repl {
     core: Rc<Core>,
     started_ms: u64,
-    members: RefCell<Membership>,
+    /// Every decision (roles, routing, reference copy, stream freshness, local reads).
+    ctl: RefCell<MirrorControl>,
     seq: RefCell<Option<Sequencer>>,
     /// Bumped whenever the sequencer is created or dropped; stream tasks of an older
     /// generation end.
     gen: Cell<u64>,
-    /// Handing over or yielding: new writer-path requests wait.
-    draining: Cell<bool>,
     tickets: RefCell<crate::slot::IdMap<u64, Sink>>,
     next_ticket: Cell<u64>,
     pending: RefCell<VecDeque<Held>>,
     links: Vec<Rc<PeerLink>>,
     stream_wakes: RefCell<Vec<Rc<Signal>>>,
-    /// Peer boot ids seen when their streams were last enabled (continuity check).
-    known_boot: RefCell<HashMap<String, u64>>,
-    /// Peers that yielded to us and may still report themselves as writer for a moment:
-    /// their streams stay enabled (the merge is running on them).
-    yielded: RefCell<std::collections::HashSet<String>>,
     /// The status text last published (the shared copy is only locked when it changes).
     last_status: RefCell<String>,
     /// Send a heartbeat now (our role changed: peers should know at once).
     hb_now: Signal,
-    /// When this node last started following a writer: only a report heard after it may
-    /// say our Redis is in sync.
-    followed_at: Cell<u64>,
-    /// The last report from our writer said our Redis was in sync (kept after the writer
-    /// goes silent: it decides whether our Redis may be the reference after a failover).
-    local_was_in_sync: Cell<bool>,
     /// When `sequence` last checked the peers' leases.
     lease_checked_at: Cell<u64>,
 }
@@ -101,26 +92,20 @@ impl Repl {
             TcpListener::bind_with_config(cfg.node.peer_listen, &ListenerOpts::new().reuse_addr(true).backlog(128))?;
         let boot = (unix_ms() << 16) ^ std::process::id() as u64;
         let peers: Vec<(String, u32)> = cfg.peers.iter().map(|p| (p.id.clone(), p.priority.unwrap_or(0))).collect();
-        let members =
-            Membership::new(&cfg.node.id, cfg.node.priority, boot, &peers, cfg.replication.failover_timeout_ms, 0);
+        let ctl = MirrorControl::new(&cfg.node.id, cfg.node.priority, boot, &peers, cfg.replication.failover_timeout_ms);
         let repl = Rc::new(Repl {
             core: core.clone(),
             started_ms: coarse_ms(libc::CLOCK_MONOTONIC_COARSE),
-            members: RefCell::new(members),
+            ctl: RefCell::new(ctl),
             seq: RefCell::new(None),
             gen: Cell::new(0),
-            draining: Cell::new(false),
             tickets: RefCell::new(Default::default()),
             next_ticket: Cell::new(1),
             pending: RefCell::new(VecDeque::new()),
             links: cfg.peers.iter().map(|p| PeerLink::new(&p.id, &p.address)).collect(),
             stream_wakes: RefCell::new(Vec::new()),
-            known_boot: RefCell::new(HashMap::new()),
-            yielded: RefCell::new(Default::default()),
             last_status: RefCell::new(String::new()),
             hb_now: Signal::default(),
-            followed_at: Cell::new(0),
-            local_was_in_sync: Cell::new(false),
             lease_checked_at: Cell::new(0),
         });
         monoio::spawn(peer::serve(repl.clone(), peer_listener));
@@ -172,12 +157,15 @@ impl Repl {
     /// may be waiting for exactly these, our clients' requests coming back from the old
     /// writer).
     pub fn submit_forwarded(&self, h: Held) {
-        if self.members.borrow().role == Role::Writer && !self.draining.get() {
-            self.sequence(h);
-        } else if self.draining.get() {
-            self.hold(h);
-        } else if let Sink::Peer(conn, tag) = &h.sink {
-            conn.reply_not_writer(*tag);
+        let path = self.ctl.borrow().route_forwarded();
+        match path {
+            ForwardedPath::Sequence => self.sequence(h),
+            ForwardedPath::Hold => self.hold(h),
+            ForwardedPath::NotWriter => {
+                if let Sink::Peer(conn, tag) = &h.sink {
+                    conn.reply_not_writer(*tag);
+                }
+            }
         }
     }
 
@@ -193,28 +181,21 @@ impl Repl {
     }
 
     fn try_route(&self, h: Held) -> Result<(), Held> {
-        let (role, writer) = {
-            let m = self.members.borrow();
-            (m.role, m.writer.clone())
-        };
-        if self.draining.get() {
-            return Err(h);
-        }
-        if role == Role::Writer {
-            // Just after a handover, requests forwarded to the old writer are still coming
-            // back: ours wait behind them.
-            if self.links.iter().any(|l| l.forwards_in_flight()) {
-                return Err(h);
+        let forwards_in_flight = self.links.iter().any(|l| l.forwards_in_flight());
+        let path = self.ctl.borrow().route(forwards_in_flight);
+        match path {
+            WriterPath::Sequence => {
+                self.sequence(h);
+                Ok(())
             }
-            self.sequence(h);
-            return Ok(());
-        }
-        match writer.as_deref().and_then(|w| self.links.iter().find(|l| l.node == w)) {
-            Some(link) => {
-                let id = h.client_key;
-                link.forward(h, id)
-            }
-            None => Err(h),
+            WriterPath::Forward(writer) => match self.links.iter().find(|l| l.node == writer) {
+                Some(link) => {
+                    let id = h.client_key;
+                    link.forward(h, id)
+                }
+                None => Err(h),
+            },
+            WriterPath::Hold => Err(h),
         }
     }
 
@@ -228,8 +209,8 @@ impl Repl {
     /// Start following `writer`: reads stop using the local Redis until the writer says it
     /// is in sync.
     fn follow(&self, writer: &str) {
-        self.members.borrow_mut().follow(writer);
-        self.followed_at.set(self.now());
+        let now = self.now();
+        self.ctl.borrow_mut().follow(writer, now);
         self.core.shared.local_in_sync.store(false, Ordering::Relaxed);
     }
 
@@ -314,12 +295,13 @@ impl Repl {
     pub fn heard(&self, text: &str) {
         if let Some(r) = Report::decode(text) {
             let now = self.now();
-            self.members.borrow_mut().heard(r, now);
+            self.ctl.borrow_mut().heard(r, now);
         }
     }
 
     pub fn report(&self) -> Report {
-        let m = self.members.borrow();
+        let ctl = self.ctl.borrow();
+        let m = &ctl.members;
         let replicas = match self.seq.borrow().as_ref() {
             Some(s) => {
                 s.streams.iter().map(|st| (st.node.clone(), st.state, st.run_id.clone().unwrap_or_default())).collect()
@@ -375,10 +357,10 @@ impl Repl {
     /// One of this node's clients disconnected.
     pub fn client_gone(&self, client_id: u64) {
         let key = peer::client_key(self.node_id(), client_id);
-        if self.members.borrow().role == Role::Writer {
+        if self.ctl.borrow().role() == Role::Writer {
             self.client_key_gone(key);
         } else {
-            let writer = self.members.borrow().writer.clone();
+            let writer = self.ctl.borrow().members.writer.clone();
             if let Some(link) = writer.as_deref().and_then(|w| self.links.iter().find(|l| l.node == w)) {
                 let id = key.to_string();
                 link.send(b"RS.GONE", &[id.as_bytes()], LinkWait::Ignore);
@@ -420,52 +402,35 @@ impl Repl {
 
     fn become_writer(&self, epoch: u64, handover: bool) {
         let cfg = &self.core.shared.cfg;
-        // The reference copy: our own Redis, unless we were following a writer that did not
-        // report it in sync (then the peers' Redis are, and ours is rebuilt from them).
-        let local_trusted = handover
-            || self.followed_at.get() == 0
-            || self.core.shared.local_in_sync.load(Ordering::Relaxed)
-            || self.local_was_in_sync.get();
-        if !local_trusted {
+        let now = self.now();
+        let local_in_sync = self.core.shared.local_in_sync.load(Ordering::Relaxed);
+        let plan = self.ctl.borrow_mut().become_writer(epoch, handover, local_in_sync, now);
+        if !plan.local_trusted {
             warn!("taking the writer role with a local Redis that was not in sync: it will be rebuilt from a peer's");
         }
-        let mut replicas = vec![(cfg.node.id.clone(), cfg.redis.address.to_string(), !local_trusted)];
-        for p in &cfg.peers {
-            replicas.push((p.id.clone(), p.redis.clone(), !handover && local_trusted));
-        }
+        let addrs: Vec<String> =
+            std::iter::once(cfg.redis.address.to_string()).chain(cfg.peers.iter().map(|p| p.redis.clone())).collect();
+        let ids = std::iter::once(cfg.node.id.clone()).chain(cfg.peers.iter().map(|p| p.id.clone()));
+        let replicas: Vec<(String, String, bool)> =
+            ids.zip(addrs).zip(&plan.rebuild).map(|((id, addr), rebuild)| (id, addr, *rebuild)).collect();
         let mut seq = Sequencer::new(
             &replicas,
             cfg.replication.write_ack == WriteAck::All,
             cfg.replication.backlog_bytes.0 as usize,
         );
-        let now = self.now();
-        {
-            let m = self.members.borrow();
-            for (i, p) in cfg.peers.iter().enumerate() {
-                // After a handover the previous writer (still reported as writer for a
-                // moment) follows us, its Redis in sync: keep its stream.
-                let live = m
-                    .peer(&p.id)
-                    .is_some_and(|v| m.is_live(v, now) && (handover || v.report.role != Some(Role::Writer)));
-                if !live {
-                    seq.set_enabled(i + 1, false, false);
-                } else if let Some(v) = m.peer(&p.id) {
-                    self.known_boot.borrow_mut().insert(p.id.clone(), v.report.boot);
-                }
+        for (s, on) in plan.enabled.iter().enumerate().skip(1) {
+            if !on {
+                seq.set_enabled(s, false, false);
             }
         }
         *self.seq.borrow_mut() = Some(seq);
         self.gen.set(self.gen.get() + 1);
-        self.members.borrow_mut().became_writer(epoch);
-        // After a failover, requests forwarded to the old writer and not answered have an
-        // unknown fate, and it may never answer (dead, or paused). After a handover the old
-        // writer sends them back here: they are waited for.
-        if !handover {
+        if plan.fail_forwards {
             for l in &self.links {
                 l.fail_forwards(self);
             }
         }
-        let epoch = self.members.borrow().epoch;
+        let epoch = self.ctl.borrow().members.epoch;
         info!(epoch, handover, "this node is now the writer");
         self.hb_now.notify();
         let gen = self.gen.get();
@@ -503,20 +468,19 @@ impl Repl {
     }
 
     pub fn handover_requested(self: &Rc<Self>, conn: Rc<PeerConn>, tag: u64) {
-        if self.members.borrow().role != Role::Writer || self.draining.get() {
+        if self.ctl.borrow().role() != Role::Writer || self.ctl.borrow().is_draining() {
             conn.reply(tag, &resp::error("ERR resplica: not the writer (or busy)"));
             return;
         }
         let to = conn.node.borrow().clone();
         info!(to = %to, "handing the writer role over: draining");
-        self.draining.set(true);
-        self.members.borrow_mut().busy = true;
+        self.ctl.borrow_mut().set_draining(true);
         let me = self.clone();
         monoio::spawn(async move {
             let idle = me.wait_idle(Duration::from_secs(5)).await;
             let all_in_sync = me.seq.borrow().as_ref().is_some_and(|s| s.all_in_sync());
             if idle && all_in_sync {
-                let epoch = me.members.borrow().epoch;
+                let epoch = me.ctl.borrow().members.epoch;
                 me.stop_writer();
                 me.follow(&to);
                 conn.reply(tag, &resp::int(epoch as i64));
@@ -524,8 +488,7 @@ impl Repl {
             } else {
                 conn.reply(tag, &resp::error("ERR resplica: could not drain in time, or a replica is not in sync"));
             }
-            me.draining.set(false);
-            me.members.borrow_mut().busy = false;
+            me.ctl.borrow_mut().set_draining(false);
             me.route_pending();
         });
     }
@@ -546,15 +509,14 @@ impl Repl {
     fn start_yield(self: &Rc<Self>, to: String) {
         let Some(pi) = self.peer_index(&to) else { return };
         info!(to = %to, "another writer with a higher priority is back: yielding");
-        self.draining.set(true);
-        self.members.borrow_mut().busy = true;
+        self.ctl.borrow_mut().set_draining(true);
         let me = self.clone();
         monoio::spawn(async move {
             if !me.wait_idle(Duration::from_secs(5)).await {
                 me.finish_yield(&to, false);
                 return;
             }
-            let epoch = me.members.borrow().epoch.to_string();
+            let epoch = me.ctl.borrow().members.epoch.to_string();
             let keys = me.seq.borrow().as_ref().and_then(|s| s.missed_keys(pi + 1));
             let mut owned: Vec<Vec<u8>> = Vec::new();
             match &keys {
@@ -583,28 +545,21 @@ impl Repl {
         } else {
             warn!(to = %to, "yield failed; still the writer");
         }
-        self.draining.set(false);
-        self.members.borrow_mut().busy = false;
+        self.ctl.borrow_mut().set_draining(false);
         self.route_pending();
     }
 
     /// The loser of a partition yields to us with the keys it wrote.
     pub fn yield_received(&self, from: &str, epoch: u64, keys: Option<Vec<(u32, Bytes)>>) -> Bytes {
-        if self.members.borrow().role != Role::Writer {
+        if self.ctl.borrow().role() != Role::Writer {
             return resp::error("ERR resplica: not the writer");
         }
-        let Some(pi) = self.peer_index(from) else { return resp::error("ERR resplica: unknown node") };
+        let Some(stream) = self.ctl.borrow_mut().yield_received(from, epoch) else {
+            return resp::error("ERR resplica: unknown node");
+        };
         let n = keys.as_ref().map(|k| k.len());
         if let Some(s) = self.seq.borrow_mut().as_mut() {
-            s.start_merge(pi + 1, keys);
-        }
-        self.yielded.borrow_mut().insert(from.to_string());
-        {
-            let mut m = self.members.borrow_mut();
-            m.epoch = m.epoch.max(epoch) + 1;
-        }
-        if let Some(v) = self.members.borrow().peer(from) {
-            self.known_boot.borrow_mut().insert(from.to_string(), v.report.boot);
+            s.start_merge(stream, keys);
         }
         info!(from = %from, their_keys = ?n, "partition healed: merging");
         self.after_seq();
@@ -615,14 +570,14 @@ impl Repl {
 
     fn tick(self: &Rc<Self>) {
         let now = self.now();
-        let decision = self.members.borrow_mut().tick(now);
+        let decision = self.ctl.borrow_mut().tick(now);
         if decision.is_some() {
             self.hb_now.notify();
         }
         match decision {
             Some(Decision::BecomeWriter { epoch, handover }) => self.become_writer(epoch, handover),
             Some(Decision::Follow { writer }) => {
-                if self.members.borrow().role == Role::Writer {
+                if self.ctl.borrow().role() == Role::Writer {
                     self.stop_writer();
                 }
                 info!(writer = %writer, "following");
@@ -646,70 +601,32 @@ impl Repl {
         self.publish_status(now);
     }
 
-    /// Enable a peer's stream while its sidecar is live and follows; disable it otherwise
-    /// (before the peer could take the writer role: half the failover timeout).
+    /// Apply the control plane's stream changes (peer freshness, rebuilds).
     fn update_streams(&self, now: u64) {
-        let cfg = &self.core.shared.cfg;
-        let half = cfg.replication.failover_timeout_ms / 2;
-        let m = self.members.borrow();
         let mut seq = self.seq.borrow_mut();
         let Some(seq) = seq.as_mut() else { return };
-        for (i, p) in cfg.peers.iter().enumerate() {
-            let Some(v) = m.peer(&p.id) else { continue };
-            let fresh = v.last_heard_ms.is_some_and(|t| now.saturating_sub(t) <= half);
-            let follows = if v.report.role == Some(Role::Writer) {
-                self.yielded.borrow().contains(&p.id)
-            } else {
-                self.yielded.borrow_mut().remove(&p.id);
-                true
-            };
-            let s = i + 1;
-            if !(fresh && follows) {
-                if seq.streams[s].is_enabled() {
-                    seq.set_enabled(s, false, false);
-                }
-            } else if !seq.streams[s].is_enabled() {
-                let known = self.known_boot.borrow().get(&p.id).copied();
-                let rebuild = known != Some(v.report.boot);
-                if rebuild {
-                    info!(peer = %p.id, "peer sidecar (re)started: its Redis will be rebuilt");
-                }
-                seq.set_enabled(s, true, rebuild);
-                self.known_boot.borrow_mut().insert(p.id.clone(), v.report.boot);
+        let enabled: Vec<bool> = seq.streams.iter().map(|st| st.is_enabled()).collect();
+        let changes = self.ctl.borrow_mut().stream_changes(now, &enabled);
+        for c in changes {
+            if c.rebuild {
+                info!(peer = %seq.streams[c.stream].node, "peer sidecar (re)started: its Redis will be rebuilt");
             }
+            seq.set_enabled(c.stream, c.enable, c.rebuild);
         }
     }
 
     fn publish_status(&self, now: u64) {
         let cfg = &self.core.shared.cfg;
-        let m = self.members.borrow();
-        let seq = self.seq.borrow();
-        let in_sync = match (m.role, seq.as_ref()) {
-            (Role::Writer, Some(s)) => s.streams[0].state == ReplicaState::InSync,
-            (Role::Follower, _) => {
-                // Reads stay local only while the writer was heard recently: it stops waiting
-                // for our Redis after half the failover timeout of silence, we stop reading it
-                // before that.
-                let fresh = cfg.replication.failover_timeout_ms * 2 / 5;
-                let mine = if self.core.lanes[0].is_connected() {
-                    self.core.redis_run_id.borrow().clone()
-                } else {
-                    String::new()
-                };
-                let w = m.writer.as_deref().and_then(|w| m.peer(w));
-                match w {
-                    Some(w) if m.is_live(w, now) && w.last_heard_ms.is_some_and(|t| t > self.followed_at.get()) => {
-                        let ok = w.report.replicas.iter().any(|(n, st, run)| {
-                            n == &m.id && *st == ReplicaState::InSync && !mine.is_empty() && *run == mine
-                        });
-                        self.local_was_in_sync.set(ok);
-                        ok && w.last_heard_ms.is_some_and(|t| now.saturating_sub(t) <= fresh)
-                    }
-                    _ => false,
-                }
-            }
-            _ => false,
+        let mine = if self.core.lanes[0].is_connected() {
+            self.core.redis_run_id.borrow().clone()
+        } else {
+            String::new()
         };
+        let own_in_sync = self.seq.borrow().as_ref().map(|s| s.streams[0].state == ReplicaState::InSync);
+        let in_sync = self.ctl.borrow_mut().local_reads(now, &mine, own_in_sync);
+        let ctl = self.ctl.borrow();
+        let m = &ctl.members;
+        let seq = self.seq.borrow();
         self.core.shared.local_in_sync.store(in_sync, Ordering::Relaxed);
         let mut t = format!(
             "node:{}\nrole:{}\nepoch:{}\nwriter:{}\npriority:{}\nlocal_in_sync:{}\n",
@@ -765,7 +682,7 @@ impl Repl {
             }
         }
         drop(seq);
-        drop(m);
+        drop(ctl);
         if *self.last_status.borrow() != t {
             if let Ok(mut s) = self.core.shared.status.lock() {
                 s.clone_from(&t);
