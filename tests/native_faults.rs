@@ -610,6 +610,64 @@ fn replica_at_maxmemory_noeviction_still_gets_every_write() {
     assert_acked_on_both(&pair, &acked);
 }
 
+/// N3: while the replica's Redis is down, `write_ack = "all"` acknowledges writes on the
+/// primary alone and counts them (`acks_on_primary_alone`, per sidecar); with
+/// `min_replicas_to_write = 1` Redis refuses them instead (NOREPLICAS) and nothing is
+/// written. Either way, once the replica is back, writes are acknowledged on both and the two
+/// Redis are equal.
+#[test]
+fn replica_down_acks_on_the_primary_alone_or_refuses_with_min_replicas() {
+    for min in [0u32, 1] {
+        let mut pair = Pair::start_unsynced(PairOpts { min_replicas_to_write: min, ..native("all") });
+        wait_formed(&pair, "a", FORM_TIMEOUT);
+        pair.b.redis.kill();
+        let link_down = wait_until(SETTLE, || {
+            status_of(pair.a.port).is_some_and(|st| st.get("replica_link") == "down")
+                && status_of(pair.b.port).is_some_and(|st| st.get("replica_link") == "down")
+        });
+        assert!(link_down, "both sidecars should see the replica down\n{}", statuses(&pair));
+        let mut acked = Vec::new();
+        let mut refused = Vec::new();
+        for (n, node) in [("a", &pair.a), ("b", &pair.b)] {
+            let mut c = Client::new(node.port, Duration::from_secs(6));
+            for i in 0..100 {
+                let k = format!("alone:{n}:{i}");
+                match c.run::<()>(redis::cmd("SET").arg(&k).arg(i)) {
+                    Ok(()) => acked.push((k, i.to_string())),
+                    Err(e) => refused.push(format!("{k}: {e}")),
+                }
+            }
+        }
+        let alone = || (status_num(pair.a.port, "acks_on_primary_alone"), status_num(pair.b.port, "acks_on_primary_alone"));
+        if min == 0 {
+            assert!(refused.is_empty(), "{} writes refused: {:?}", refused.len(), &refused[..refused.len().min(3)]);
+            // The status text is refreshed once per poll.
+            wait_until(SETTLE, || alone().0 >= 100 && alone().1 >= 100);
+            let alone = alone();
+            assert!(alone.0 >= 100 && alone.1 >= 100, "each sidecar counts its acks on the primary alone: {alone:?}\n{}", statuses(&pair));
+        } else {
+            assert!(acked.is_empty(), "min_replicas_to_write = 1 acknowledged {} writes with the replica down", acked.len());
+            assert!(refused.iter().all(|e| e.contains("NOREPLICAS")), "Redis's own refusal: {:?}", &refused[..3]);
+            assert_eq!(alone(), (0, 0), "nothing was acknowledged on the primary alone");
+            let mut ra = pair.a.redis.conn();
+            let n: u64 = redis::cmd("DBSIZE").query(&mut ra).unwrap();
+            assert_eq!(n, 0, "a refused write must not be applied");
+        }
+        pair.b.redis.restart();
+        for (n, node) in [("a", &pair.a), ("b", &pair.b)] {
+            let mut c = Client::new(node.port, Duration::from_secs(6));
+            for i in 0..20 {
+                let (k, v) = (format!("back:{n}:{i}"), i.to_string());
+                c.set_until_acked(&k, &v, Instant::now() + SETTLE).unwrap_or_else(|e| panic!("{e}\n{}", statuses(&pair)));
+                acked.push((k, v));
+            }
+        }
+        let data = wait_equal(&pair, SETTLE);
+        assert_eq!(data.len(), acked.len(), "min_replicas_to_write = {min}: every acknowledged key, nothing else");
+        assert_acked_on_both(&pair, &acked);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. The primary Redis restarted empty
 // ---------------------------------------------------------------------------------------

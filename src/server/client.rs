@@ -336,7 +336,9 @@ enum Owed {
     /// if it failed the connection is no longer where the proxy thinks, and is retired.
     Setup,
     /// The reply to the client's request `seq`; blocking ones may legitimately take long.
-    Reply { seq: u64, blocking: bool },
+    /// `alone`: a native-mode write sent without `WAIT` (no replica linked), counted as
+    /// acknowledged on the primary alone if Redis accepts it.
+    Reply { seq: u64, blocking: bool, alone: bool },
     /// Native, `write_ack = "all"`: the reply to `seq`, held until the `WAIT` after it answers.
     Acked { seq: u64, blocking: bool },
     /// That `WAIT`; `peer`: the connection goes to the peer's Redis; `generation`: the route's
@@ -660,13 +662,10 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             }
             // Native, write_ack = "all": the reply waits for the replica, like a lane's batch.
             let acked = f.write && f.dedicated != DedicatedUse::Raw;
-            let wait = match (&core.shared.native, &core.native_wait) {
-                (Some(route), Some(w)) if acked && route.replica_linked() => Some(w.clone()),
-                (Some(route), Some(_)) if acked => {
-                    route.acks_on_primary_alone.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-                _ => None,
+            let (wait, alone) = match (&core.shared.native, &core.native_wait) {
+                (Some(route), Some(w)) if acked && route.replica_linked() => (Some(w.clone()), false),
+                (Some(_), Some(_)) if acked => (None, true),
+                _ => (None, false),
             };
             if f.dedicated == DedicatedUse::Raw {
                 // Replies flow straight through; nothing to match.
@@ -679,7 +678,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                     let generation = core.shared.native.as_ref().map_or(0, |n| n.generation());
                     owed.push_back(Owed::Wait { peer: d.peer, generation });
                 } else {
-                    owed.push_back(Owed::Reply { seq, blocking });
+                    owed.push_back(Owed::Reply { seq, blocking, alone });
                 }
             }
             let res = if frames.is_empty() && wait.is_none() {
@@ -851,7 +850,14 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
                     link.replies_seen.set(link.replies_seen.get() + 1);
                     let next = link.owed.borrow_mut().pop_front();
                     match next {
-                        Some(Owed::Reply { seq, .. }) => client.fill(seq, reply),
+                        Some(Owed::Reply { seq, alone, .. }) => {
+                            if alone && !resp::is_error(&reply) {
+                                if let Some(route) = &client.core.shared.native {
+                                    route.acks_on_primary_alone.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            client.fill(seq, reply)
+                        }
                         Some(Owed::Acked { seq, .. }) => held.push_back((seq, reply)),
                         Some(Owed::Wait { peer, generation }) => {
                             let confirmed = resp::integer_reply(&reply).is_some_and(|n| n >= 1);

@@ -106,6 +106,9 @@ enum Mark {
     Held,
     /// The WAIT itself, with the route's generation when it was sent.
     Wait(u64),
+    /// A write sent without WAIT (the replica is not linked): counted as acknowledged on
+    /// the primary alone when Redis accepts it.
+    Alone,
 }
 
 /// Native mode: what the lane needs to know about the pair.
@@ -263,6 +266,12 @@ impl Lane {
     fn on_reply(&self, p: Pending, reply: Bytes) {
         match p.mark {
             Mark::Plain => self.deliver(p.sink, reply),
+            Mark::Alone => {
+                if let Some(n) = self.native.as_ref().filter(|_| !resp::is_error(&reply)) {
+                    n.route.acks_on_primary_alone.fetch_add(1, Ordering::Relaxed);
+                }
+                self.deliver(p.sink, reply)
+            }
             Mark::Held => self.st.borrow_mut().held.push((p.sink, reply, p.write)),
             Mark::Wait(generation) => {
                 let confirmed = resp::integer_reply(&reply).is_some_and(|n| n >= 1);
@@ -316,8 +325,12 @@ impl LaneState {
                     self.sinks.push_back(Pending { sink: Sink::Discard, mark: Mark::Wait(generation), write: None });
                 }
                 None => {
-                    if let Some(n) = native {
-                        n.route.acks_on_primary_alone.fetch_add(self.unflushed_writes as u64, Ordering::Relaxed);
+                    let n = self.unflushed.min(self.sinks.len());
+                    let len = self.sinks.len();
+                    for p in self.sinks.range_mut(len - n..) {
+                        if p.write.is_some() {
+                            p.mark = Mark::Alone;
+                        }
                     }
                 }
             }

@@ -580,6 +580,8 @@ pub struct PairOpts {
     pub b_secret: Option<String>,
     /// `[node] drain_ms` of both nodes.
     pub drain_ms: u64,
+    /// `[replication] min_replicas_to_write` of both nodes (native mode).
+    pub min_replicas_to_write: u32,
 }
 
 impl Default for PairOpts {
@@ -595,6 +597,7 @@ impl Default for PairOpts {
             io_driver: None,
             b_secret: None,
             drain_ms: 0,
+            min_replicas_to_write: 0,
         }
     }
 }
@@ -665,6 +668,7 @@ fn node_toml(
          mode = \"{}\"\n\
          write_ack = \"{}\"\n\
          failover_timeout_ms = {}\n\
+         min_replicas_to_write = {}\n\
          backlog_bytes = \"{}\"\n\
          secret = \"{}\"\n",
         me.client,
@@ -675,6 +679,7 @@ fn node_toml(
         opts.mode,
         opts.write_ack,
         opts.failover_timeout_ms,
+        opts.min_replicas_to_write,
         opts.backlog_bytes,
         secret
     )
