@@ -983,9 +983,11 @@ impl Sim {
         self.cars[i].next_poll = now + interval;
         let local = self.reach(i, i).map(|_| self.redis[i].info());
         let peer = self.reach(i, 1 - i).map(|_| self.redis[1 - i].info());
+        let unmerged = !self.cars[i].recorded.is_empty();
         let node = self.cars[i].node.as_mut().unwrap();
         node.on_local(now, local);
         node.on_peer_redis(now, peer);
+        node.set_unmerged(unmerged);
         let report = node.report();
         if self.net_blocked().is_none() && self.cars[1 - i].node.is_some() {
             let d = self.rng.range(self.report_delay.0, self.report_delay.1);

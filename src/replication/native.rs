@@ -224,6 +224,8 @@ struct Observed {
     prev_run_id: String,
     /// The run_id changed since the node last looked (see `NativeNode::tick`).
     restarted: bool,
+    /// The last answer of the previous run, when it restarted.
+    before_restart: Option<ReplInfo>,
 }
 
 impl Observed {
@@ -246,6 +248,7 @@ impl Observed {
                     if old.run_id != info.run_id {
                         self.prev_run_id = old.run_id.clone();
                         self.restarted = true;
+                        self.before_restart = Some(old.clone());
                     }
                 }
                 self.info = Some(info);
@@ -403,6 +406,11 @@ enum Merge {
     Hosting(u64),
 }
 
+/// How many failover timeouts a side whose primary Redis is down holding unmerged writes
+/// waits for it before giving those writes up and moving to the peer's Redis (an operator
+/// would rather have writes back than wait for a Redis that may never return).
+pub const UNMERGED_WAIT_FAILOVERS: u64 = 10;
+
 /// One sidecar's view of the pair and its decisions.
 #[derive(Debug)]
 pub struct NativeNode {
@@ -454,6 +462,13 @@ pub struct NativeNode {
     handover_held_at: Option<u64>,
     /// When `tick` last ran.
     last_tick: u64,
+    /// The shell holds recorded keys not merged yet: writes of our clients that only our
+    /// Redis holds (see [`set_unmerged`](Self::set_unmerged)).
+    unmerged: bool,
+    /// Since when our Redis (the primary) is down while it holds unmerged writes: the
+    /// failover to the peer's waits for it, up to [`UNMERGED_WAIT_FAILOVERS`] failover
+    /// timeouts.
+    waiting_for_unmerged: Option<u64>,
     /// We sent `REPLICAOF NO ONE` to the peer's Redis (handover) and wait to see it primary.
     awaiting_peer_promotion: Option<u64>,
 }
@@ -483,6 +498,8 @@ impl NativeNode {
             handover_held_at: None,
             holding_since: None,
             last_tick: now,
+            unmerged: false,
+            waiting_for_unmerged: None,
             awaiting_peer_promotion: None,
             vetted: (String::new(), String::new()),
             local_synced: false,
@@ -490,6 +507,17 @@ impl NativeNode {
             events: Vec::new(),
             failovers: 0,
         }
+    }
+
+    /// Whether the shell holds recorded keys (written by our clients into our Redis while the
+    /// peer's did not replicate it) that no merge or resync has dealt with yet. Call before
+    /// each [`tick`](Self::tick).
+    ///
+    /// While it does and our Redis (the primary) is down, this side does not move its writes
+    /// to the peer's Redis: our clients would write those keys there, on values that lack our
+    /// writes, and the merge once ours returns could only keep one of the two (DESIGN.md N6).
+    pub fn set_unmerged(&mut self, unmerged: bool) {
+        self.unmerged = unmerged;
     }
 
     /// How often the shell should poll both Redis and send a heartbeat.
@@ -603,6 +631,30 @@ impl NativeNode {
         let shared = |id: &str| !id.is_empty() && (l.replid == id || l.replid2 == id);
         let confirmed = self.peer.as_ref().filter(|(r, _)| shared(&r.confirmed_replid)).map_or(0, |(r, _)| r.confirmed);
         fork_point(l, p).is_some_and(|f| f >= confirmed)
+    }
+
+    /// Our Redis restarted from a snapshot: whether the keys recorded against its previous run
+    /// still name the newest values of our writes. Only when the new run continues the
+    /// previous run's history at least to where the peer's Redis parts from it: then each
+    /// recorded key holds everything the peer's copy does, and possibly some of our writes
+    /// the peer lacks (those after the snapshot are lost with it, not merged). Unknown
+    /// (the peer's Redis unseen, or no common history): not kept.
+    fn restart_keeps_recorded(&self, new: Option<&ReplInfo>, peer: Option<&ReplInfo>) -> bool {
+        let (Some(new), Some(old), Some(peer)) = (new, self.local.before_restart.as_ref(), peer) else {
+            return false;
+        };
+        // Where the new run stands in the previous run's history.
+        let saved = if new.replid == old.replid {
+            Some(new.offset)
+        } else if new.replid2 == old.replid && new.second_offset > 0 {
+            Some(new.second_offset as u64 - 1)
+        } else {
+            None
+        };
+        match (saved, fork_point(old, peer)) {
+            (Some(saved), Some(peer_holds)) => saved >= peer_holds,
+            _ => false,
+        }
     }
 
     /// The peer (the primary's side) is handing its role to us: our writes wait.
@@ -723,6 +775,11 @@ impl NativeNode {
     fn set_primary(&mut self, side: Side, why: &str) {
         self.vet(side);
         self.holding_for_peer = false;
+        if side == Side::Peer && matches!(self.merge, Merge::Hosting(_)) {
+            // The peer's merge into our Redis is moot now that the peer's is the primary; our
+            // own tail is merged into it instead (a Diverged copy is never just followed).
+            self.merge = Merge::Idle;
+        }
         if self.primary != Some(side) {
             self.epoch += 1;
             self.primary = Some(side);
@@ -756,6 +813,30 @@ impl NativeNode {
         let cut_off = !self.peer_heard_within(now, ft / 2);
         let l = self.local.current().cloned();
         let p = self.peer_redis.current().cloned();
+        // Our primary Redis is down holding writes of ours that no other copy has: they are
+        // merged when it returns; meanwhile this side's writes do not move to the peer's Redis
+        // (`set_unmerged`), for a bounded time.
+        if l.is_none() && self.unmerged && self.primary == Some(Side::Local) {
+            let since = *self.waiting_for_unmerged.get_or_insert(now);
+            if now.saturating_sub(since) >= ft * UNMERGED_WAIT_FAILOVERS {
+                self.events.push(format!(
+                    "the local Redis has been down for {} ms holding writes no other copy has: giving them up",
+                    now.saturating_sub(since)
+                ));
+                self.unmerged = false;
+                self.recording = false;
+                self.waiting_for_unmerged = None;
+                self.issue(now, Command::ClearRecorded, &mut out);
+            } else if now == since {
+                self.events.push(
+                    "the local Redis (primary) is down holding writes no other copy has: this side's writes wait for it"
+                        .into(),
+                );
+            }
+        } else {
+            self.waiting_for_unmerged = None;
+        }
+        let waiting_for_unmerged = self.waiting_for_unmerged.is_some();
         let local_restarted = std::mem::take(&mut self.local.restarted);
         if local_restarted {
             self.local_synced = false;
@@ -930,7 +1011,7 @@ impl NativeNode {
             let unsafe_to_follow = theirs == Some(Side::Peer)
                 && self.primary == Some(Side::Local)
                 && ((l.as_ref().is_some_and(|l| l.master) && p.as_ref().is_none_or(|p| p.master))
-                    || (l.is_none() && self.recording));
+                    || (l.is_none() && (self.recording || waiting_for_unmerged)));
             // Their decision names a run of that Redis; the run we see now must be the one.
             let same_run = match theirs {
                 Some(Side::Local) => l.as_ref().is_some_and(|l| l.run_id == r.primary_run),
@@ -955,12 +1036,15 @@ impl NativeNode {
         // Our Redis restarted (empty or from a snapshot of unknown age) while it was the
         // primary: compare both histories again before sending it writes (N5); a copy that
         // came back holding less must not take writes and then win as "diverged".
-        if local_restarted {
+        if local_restarted && !self.restart_keeps_recorded(l.as_ref(), p.as_ref()) {
             // The keys recorded were written to the previous run: what this one holds of them
-            // is older (a snapshot) or nothing; copying it in a merge could only overwrite
+            // is older than what the peer's Redis holds (a snapshot from before the point the
+            // two histories part, or nothing); copying it in a merge could only overwrite
             // newer values.
             self.recording = false;
             self.issue(now, Command::ClearRecorded, &mut out);
+        }
+        if local_restarted {
             if self.primary == Some(Side::Local) {
                 self.primary = None;
                 self.events.push("the local Redis restarted: comparing both histories before it takes writes".into());
@@ -999,7 +1083,9 @@ impl NativeNode {
                                             && p.second_offset as u64 > confirmed)
                                 })
                             };
-                            if p.as_ref().is_some_and(|p| p.master && !follows_ours(p)) {
+                            if waiting_for_unmerged {
+                                // Writes wait for ours (see `set_unmerged`).
+                            } else if p.as_ref().is_some_and(|p| p.master && !follows_ours(p)) {
                                 if !self.holding_for_local {
                                     self.holding_for_local = true;
                                     self.events.push(
@@ -1010,7 +1096,9 @@ impl NativeNode {
                             } else if let Some(p) = &p {
                                 if p.master {
                                     self.set_primary(Side::Peer, "the local Redis is down and the peer's is primary");
-                                } else if !peer_alive {
+                                } else if !peer_alive && !p.syncing {
+                                    // (A replica still in its full sync holds whatever it had
+                                    // before, not ours.)
                                     self.issue(now, Command::Promote(Side::Peer), &mut out);
                                     self.set_primary(
                                         Side::Peer,
@@ -1190,7 +1278,7 @@ impl NativeNode {
                             );
                             self.set_primary(Side::Local, &why);
                         }
-                        Holds::Diverged if self.merge == Merge::Idle => {
+                        Holds::Diverged if !matches!(self.merge, Merge::Running(_)) => {
                             // Ours took writes the primary lacks (it was paused or cut off while
                             // the peer's was promoted): merge them like a partition's (N6)
                             // instead of letting a full sync drop them.
@@ -1203,6 +1291,8 @@ impl NativeNode {
                             let overwrite = self.may_overwrite(l, p);
                             self.issue(now, Command::Merge { overwrite }, out);
                         }
+                        // Our merge into it is running: a full sync now would drop our tail.
+                        Holds::Diverged => {}
                         _ => {
                             self.detached = false;
                             // Compared just now: this run of the peer's Redis is the one to follow.
@@ -1469,5 +1559,86 @@ mod tests {
         assert_eq!(b.primary(), Some(Side::Local));
         assert_eq!(b.route(3600).writes, Some(Side::Local));
         assert!(b.route(3600).recording, "the peer sidecar is silent: it may be a partition");
+    }
+
+    /// a is primary with writes of its own that b's Redis lacks (recorded); a's Redis goes
+    /// down and b's sidecar promotes b's from a's history. a does not move its writes to b's
+    /// Redis while its own holds that tail (they would be written on values lacking it), until
+    /// UNMERGED_WAIT_FAILOVERS failover timeouts have passed; then it gives the tail up.
+    #[test]
+    fn a_primary_down_with_unmerged_writes_holds_instead_of_following() {
+        let mut a = NativeNode::new(cfg("a", 100, "b", 90), 0);
+        let la = info(true, "A", 200);
+        let lb = info(false, "A", 100);
+        a.on_local(0, Ok(la.clone()));
+        a.on_peer_redis(0, Ok(lb.clone()));
+        a.on_peer_report(0, PeerReport { id: "b".into(), priority: 90, ..Default::default() });
+        a.tick(0);
+        a.tick(600);
+        assert_eq!(a.primary(), Some(Side::Local));
+        a.set_unmerged(true);
+        let pb = ReplInfo { replid2: "A".into(), second_offset: 101, ..info(true, "B", 150) };
+        let report = |t| PeerReport {
+            id: "b".into(),
+            priority: 90,
+            epoch: 2,
+            primary: "b".into(),
+            primary_run: pb.run_id.clone(),
+            redis_up: true,
+            ..Default::default()
+        };
+        let mut t = 700;
+        while t < 700 + 500 * UNMERGED_WAIT_FAILOVERS - 100 {
+            a.on_local(t, Err(Unreachable::Refused));
+            a.on_peer_redis(t, Ok(pb.clone()));
+            a.on_peer_report(t, report(t));
+            a.tick(t);
+            assert_eq!(a.primary(), Some(Side::Local), "at {t}: must not follow while our Redis holds the tail");
+            assert_eq!(a.route(t).writes, None);
+            t += 100;
+        }
+        let mut gave_up = false;
+        for _ in 0..5 {
+            t += 100;
+            a.on_local(t, Err(Unreachable::Refused));
+            a.on_peer_redis(t, Ok(pb.clone()));
+            a.on_peer_report(t, report(t));
+            gave_up |= a.tick(t).contains(&Command::ClearRecorded);
+            a.set_unmerged(false);
+        }
+        assert!(gave_up, "the tail is given up after the bounded wait");
+        assert_eq!(a.primary(), Some(Side::Peer));
+        assert_eq!(a.route(t).writes, Some(Side::Peer));
+    }
+
+    /// A local Redis restarted from a snapshot keeps the recorded keys when the snapshot holds
+    /// the history at least to where the peer's Redis parts from it; otherwise they are
+    /// dropped (the snapshot's values are older than the peer's).
+    #[test]
+    fn a_restart_from_a_recent_snapshot_keeps_the_recorded_keys() {
+        for (saved_at, kept) in [(180u64, true), (90, false)] {
+            let mut a = NativeNode::new(cfg("a", 100, "b", 90), 0);
+            let la = info(true, "A", 200);
+            // b's Redis was promoted from A at 120.
+            let pb = ReplInfo { replid2: "A".into(), second_offset: 121, ..info(true, "B", 150) };
+            a.on_local(0, Ok(la.clone()));
+            a.on_peer_redis(0, Ok(pb.clone()));
+            a.on_peer_report(0, PeerReport { id: "b".into(), priority: 90, ..Default::default() });
+            a.tick(0);
+            a.tick(600);
+            a.set_unmerged(true);
+            // Restarted from a snapshot: a new replid continuing A up to `saved_at`.
+            let restarted = ReplInfo {
+                run_id: "run-a2".into(),
+                replid: "A2".into(),
+                replid2: "A".into(),
+                second_offset: saved_at as i64 + 1,
+                ..info(true, "A2", saved_at)
+            };
+            a.on_local(700, Ok(restarted));
+            a.on_peer_redis(700, Ok(pb.clone()));
+            let cmds = a.tick(700);
+            assert_eq!(!cmds.contains(&Command::ClearRecorded), kept, "snapshot at {saved_at}: {cmds:?}");
+        }
     }
 }

@@ -581,6 +581,8 @@ async fn decide_loop(shell: Rc<Shell>) {
             leaving = true;
             shell.node.borrow_mut().hand_over(now);
         }
+        let (recorded, overflow) = shell.route.recorded_count();
+        shell.node.borrow_mut().set_unmerged(recorded > 0 || overflow);
         let cmds = shell.node.borrow_mut().tick(now);
         for e in shell.node.borrow_mut().take_events() {
             info!("{e}");
