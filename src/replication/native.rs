@@ -638,7 +638,7 @@ impl NativeNode {
     /// previous run's history at least to where the peer's Redis parts from it: then each
     /// recorded key holds everything the peer's copy does, and possibly some of our writes
     /// the peer lacks (those after the snapshot are lost with it, not merged). Unknown
-    /// (the peer's Redis unseen, or no common history): not kept.
+    /// (the peer's Redis never seen, or no common history): not kept.
     fn restart_keeps_recorded(&self, new: Option<&ReplInfo>, peer: Option<&ReplInfo>) -> bool {
         let (Some(new), Some(old), Some(peer)) = (new, self.local.before_restart.as_ref(), peer) else {
             return false;
@@ -1036,7 +1036,8 @@ impl NativeNode {
         // Our Redis restarted (empty or from a snapshot of unknown age) while it was the
         // primary: compare both histories again before sending it writes (N5); a copy that
         // came back holding less must not take writes and then win as "diverged".
-        if local_restarted && !self.restart_keeps_recorded(l.as_ref(), p.as_ref()) {
+        // (The peer's Redis as last seen: once apart, a fork only moves further away.)
+        if local_restarted && !self.restart_keeps_recorded(l.as_ref(), self.peer_redis.info.as_ref()) {
             // The keys recorded were written to the previous run: what this one holds of them
             // is older than what the peer's Redis holds (a snapshot from before the point the
             // two histories part, or nothing); copying it in a merge could only overwrite
