@@ -308,8 +308,8 @@ struct Sidecar {
     inbox: Vec<(u64, PeerReport)>,
     restart_at: Option<u64>,
     resume_at: Option<u64>,
-    /// A merge in progress: (completes at, the keys the peer recorded).
-    merge: Option<(u64, BTreeSet<String>, bool)>,
+    /// A merge in progress: (completes at, the keys the peer recorded, overwrite, the peer run).
+    merge: Option<(u64, BTreeSet<String>, bool, String)>,
 }
 
 struct Client {
@@ -970,10 +970,10 @@ impl Sim {
             self.cars[i].node.as_mut().unwrap().on_peer_report(now, r);
         }
         // A merge completing.
-        if let Some((at, _, _)) = &self.cars[i].merge {
+        if let Some((at, _, _, _)) = &self.cars[i].merge {
             if *at <= now {
-                let (_, peer_rec, overwrite) = self.cars[i].merge.take().unwrap();
-                self.complete_merge(i, peer_rec, overwrite);
+                let (_, peer_rec, overwrite, peer_run) = self.cars[i].merge.take().unwrap();
+                self.complete_merge(i, peer_rec, overwrite, peer_run);
             }
         }
         if now < self.cars[i].next_poll {
@@ -1033,7 +1033,7 @@ impl Sim {
             Command::ClearRecorded => {
                 self.cars[i].recorded.clear();
             }
-            Command::Merge { overwrite } => {
+            Command::Merge { overwrite, peer_run } => {
                 // As the shell: the peer's sidecar holds its writes and names its keys when it
                 // answers; without it, the merge goes on with no keys of its side.
                 let with_peer = self.car_up(1 - i) && self.partition.is_none();
@@ -1056,7 +1056,7 @@ impl Sim {
                         self.cars[i].recorded,
                         peer_rec
                     );
-                    self.cars[i].merge = Some((now + d, peer_rec, overwrite));
+                    self.cars[i].merge = Some((now + d, peer_rec, overwrite, peer_run));
                 } else {
                     let now = self.now;
                     self.cars[i].node.as_mut().unwrap().merge_done(now, false);
@@ -1066,7 +1066,7 @@ impl Sim {
         }
     }
 
-    fn complete_merge(&mut self, i: usize, peer_rec: BTreeSet<String>, overwrite: bool) {
+    fn complete_merge(&mut self, i: usize, peer_rec: BTreeSet<String>, overwrite: bool, peer_run: String) {
         let now = self.now;
         let p = 1 - i;
         // The winner's keys as they stand when it answers (after its WAITs in flight).
@@ -1074,7 +1074,11 @@ impl Sim {
             Some(_) if !peer_rec.is_empty() || self.car_up(p) => self.cars[p].recorded.clone(),
             _ => peer_rec,
         };
-        let ok = self.reach(i, i).is_ok() && self.reach(i, p).is_ok() && self.redis[p].master;
+        // As the shell: only into the run the merge was decided on.
+        let ok = self.reach(i, i).is_ok()
+            && self.reach(i, p).is_ok()
+            && self.redis[p].master
+            && self.redis[p].run_id == peer_run;
         if !ok {
             self.cars[i].node.as_mut().unwrap().merge_done(now, false);
             tr!(self, "{}: merge failed (peer or a Redis unreachable, or the peer's Redis not primary)", NAMES[i]);

@@ -379,7 +379,11 @@ pub enum Command {
     /// everything the peer's copy held before the fork and replaces it (`RESTORE … REPLACE`).
     /// Without a common history (one side started alone from less) a key the peer's Redis
     /// already holds keeps the peer's value (a conflict: counted, never overwritten).
-    Merge { overwrite: bool },
+    ///
+    /// `peer_run`: the run of the peer's Redis the decision was made on. The shell copies
+    /// into that run only: if the peer's Redis restarted since (its `run_id` differs before
+    /// the copy or before `REPLICAOF`), the merge fails and is decided again.
+    Merge { overwrite: bool, peer_run: String },
     /// Forget the recorded keys: the peer's Redis replicates everything again.
     ClearRecorded,
 }
@@ -469,6 +473,8 @@ pub struct NativeNode {
     /// failover to the peer's waits for it, up to [`UNMERGED_WAIT_FAILOVERS`] failover
     /// timeouts.
     waiting_for_unmerged: Option<u64>,
+    /// The run of the peer's Redis the running merge copies into.
+    merge_peer_run: String,
     /// We sent `REPLICAOF NO ONE` to the peer's Redis (handover) and wait to see it primary.
     awaiting_peer_promotion: Option<u64>,
 }
@@ -500,6 +506,7 @@ impl NativeNode {
             last_tick: now,
             unmerged: false,
             waiting_for_unmerged: None,
+            merge_peer_run: String::new(),
             awaiting_peer_promotion: None,
             vetted: (String::new(), String::new()),
             local_synced: false,
@@ -560,6 +567,15 @@ impl NativeNode {
         }
         self.merge = Merge::Idle;
         self.last_cmd = None;
+        let peer_run_now = self.peer_redis.info.as_ref().map(|i| i.run_id.as_str()).unwrap_or("");
+        let ok = if ok && peer_run_now != self.merge_peer_run {
+            // The copy went into a run the decision was not made on (the peer's Redis
+            // restarted meanwhile, perhaps empty): decide again.
+            self.events.push("the peer's Redis restarted during the merge: deciding again".into());
+            false
+        } else {
+            ok
+        };
         if ok {
             let peer_epoch = self.peer.as_ref().map(|(r, _)| r.epoch).unwrap_or(0);
             self.epoch = self.epoch.max(peer_epoch) + 1;
@@ -980,7 +996,9 @@ impl NativeNode {
                     self.cfg.peer_id
                 ));
                 let overwrite = matches!((&l, &p), (Some(l), Some(p)) if self.may_overwrite(l, p));
-                self.issue(now, Command::Merge { overwrite }, &mut out);
+                let peer_run = p.as_ref().map(|p| p.run_id.clone()).unwrap_or_default();
+                self.merge_peer_run = peer_run.clone();
+                self.issue(now, Command::Merge { overwrite, peer_run }, &mut out);
             }
             if let Merge::Running(since) = self.merge {
                 if now.saturating_sub(since) > ft.max(self.cfg.merge_hold_ms) * 4 {
@@ -1290,7 +1308,8 @@ impl NativeNode {
                                 self.cfg.peer_id
                             ));
                             let overwrite = self.may_overwrite(l, p);
-                            self.issue(now, Command::Merge { overwrite }, out);
+                            self.merge_peer_run = p.run_id.clone();
+                            self.issue(now, Command::Merge { overwrite, peer_run: p.run_id.clone() }, out);
                         }
                         // Our merge into it is running: a full sync now would drop our tail.
                         Holds::Diverged => {}
@@ -1579,7 +1598,7 @@ mod tests {
         assert_eq!(a.primary(), Some(Side::Local));
         a.set_unmerged(true);
         let pb = ReplInfo { replid2: "A".into(), second_offset: 101, ..info(true, "B", 150) };
-        let report = |t| PeerReport {
+        let report = || PeerReport {
             id: "b".into(),
             priority: 90,
             epoch: 2,
@@ -1592,7 +1611,7 @@ mod tests {
         while t < 700 + 500 * UNMERGED_WAIT_FAILOVERS - 100 {
             a.on_local(t, Err(Unreachable::Refused));
             a.on_peer_redis(t, Ok(pb.clone()));
-            a.on_peer_report(t, report(t));
+            a.on_peer_report(t, report());
             a.tick(t);
             assert_eq!(a.primary(), Some(Side::Local), "at {t}: must not follow while our Redis holds the tail");
             assert_eq!(a.route(t).writes, None);
@@ -1603,7 +1622,7 @@ mod tests {
             t += 100;
             a.on_local(t, Err(Unreachable::Refused));
             a.on_peer_redis(t, Ok(pb.clone()));
-            a.on_peer_report(t, report(t));
+            a.on_peer_report(t, report());
             gave_up |= a.tick(t).contains(&Command::ClearRecorded);
             a.set_unmerged(false);
         }

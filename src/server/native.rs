@@ -620,13 +620,13 @@ fn execute(shell: &Rc<Shell>, cmd: Command) {
                 }
             });
         }
-        Command::Merge { overwrite } => {
+        Command::Merge { overwrite, peer_run } => {
             if shell.merging.replace(true) {
                 return;
             }
             let shell = shell.clone();
             monoio::spawn(async move {
-                let ok = match merge(&shell, overwrite).await {
+                let ok = match merge(&shell, overwrite, &peer_run).await {
                     Ok(()) => true,
                     Err(e) => {
                         warn!("partition merge failed: {e}");
@@ -664,11 +664,22 @@ async fn run_on(shell: &Shell, addr: SocketAddr, cmds: &[Vec<Vec<u8>>]) -> Resul
 
 // ---- partition merge --------------------------------------------------------------------
 
+/// Fails unless the Redis on `conn` is the run `want` (its `INFO server` run_id).
+async fn same_run(conn: &mut TcpStream, want: &str, timeout: u64) -> Result<(), String> {
+    let info = roundtrip(conn, &[vec![b"INFO".to_vec(), b"server".to_vec()]], timeout).await?;
+    let text = String::from_utf8_lossy(info.first().map(|b| &b[..]).unwrap_or(b""));
+    let run = text.lines().find_map(|l| l.strip_prefix("run_id:")).map(str::trim).unwrap_or("");
+    if run != want {
+        return Err(format!("the peer's Redis restarted since the merge was decided (run {run}, decided on {want})"));
+    }
+    Ok(())
+}
+
 /// This side lost a partition: copy the keys its clients wrote while cut off into the peer's
 /// Redis (those the peer's clients did not write too: there the winner's value stays), then
 /// make the local Redis replicate the peer's. Without `overwrite` (the two histories share
 /// nothing) a key the peer's Redis already holds keeps its value there (a conflict).
-async fn merge(shell: &Rc<Shell>, overwrite: bool) -> Result<(), String> {
+async fn merge(shell: &Rc<Shell>, overwrite: bool, peer_run: &str) -> Result<(), String> {
     let timeout = shell.core.shared.cfg.redis.request_timeout_ms;
     // The winner's sidecar holds its writes and names the keys its clients wrote; when it is
     // down nobody writes its Redis but through us (and those writes left our list).
@@ -712,6 +723,8 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool) -> Result<(), String> {
     let cfg = &shell.core.shared.cfg.redis;
     let mut src = connect_redis(cfg, shell.local_redis, 2, 0).await?;
     let mut dst = connect_redis(cfg, shell.peer_redis, 2, 0).await?;
+    // Only into the run the decision was made on (a restarted one may hold anything).
+    same_run(&mut dst, peer_run, timeout).await?;
     let mut kept_theirs = 0u64;
     for chunk in copy.chunks(MERGE_BATCH) {
         let mut reads = Vec::with_capacity(chunk.len() * 3);
@@ -764,6 +777,7 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool) -> Result<(), String> {
             return Err(format!("copying into the peer's Redis: {}", String::from_utf8_lossy(r).trim()));
         }
     }
+    same_run(&mut dst, peer_run, timeout).await?;
     follow_peer(shell).await?;
     shell.merged_keys.set(shell.merged_keys.get() + copy.len() as u64 - kept_theirs);
     shell.conflict_keys.set(shell.conflict_keys.get() + conflicts);
