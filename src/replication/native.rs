@@ -1354,6 +1354,14 @@ impl NativeNode {
                     // Ours is detached and the peer's is a replica of nobody reachable (and
                     // holds no more than ours: if it does, its sidecar promotes it).
                     self.set_primary(Side::Local, "the peer's Redis is a replica that cannot sync");
+                } else if !p.syncing && compare(p, l) == Holds::First {
+                    // Ours came back holding less (restarted from an old snapshot) and the
+                    // peer's, still configured as its replica, holds more. Its sidecar would
+                    // detach it, but may be dead without our knowing yet, and the replica
+                    // resyncs from ours within a second, dropping what only it holds:
+                    // promote it from here too (the same REPLICAOF NO ONE its sidecar sends;
+                    // ours then follows it).
+                    self.issue(now, Command::Promote(Side::Peer), out);
                 }
             }
             (Some(l), None) => {
