@@ -60,10 +60,19 @@ enum Command {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
         admin: String,
     },
+    /// Native mode: stop waiting for a Redis that cannot be reached and serve from the one
+    /// that can (writes only the unreachable copy held are lost unless it returns). For when
+    /// the status says writes wait for a copy you know is gone.
+    Takeover {
+        /// The node's admin_listen address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
+        admin: String,
+    },
 }
 
-/// `resplica status --admin ADDR`: RESPLICA STATUS over the admin port, printed as text.
-fn status(admin: &str) -> anyhow::Result<()> {
+/// `resplica status|takeover --admin ADDR`: `RESPLICA <subcommand>` over the admin port; the
+/// answer is printed as text (an error answer is the command's error).
+fn admin_command(admin: &str, subcommand: &str) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     let addr = admin
@@ -75,7 +84,7 @@ fn status(admin: &str) -> anyhow::Result<()> {
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot reach {admin}"))?;
     s.set_read_timeout(Some(timeout))?;
-    s.write_all(b"*2\r\n$8\r\nRESPLICA\r\n$6\r\nSTATUS\r\n")?;
+    s.write_all(format!("*2\r\n$8\r\nRESPLICA\r\n${}\r\n{subcommand}\r\n", subcommand.len()).as_bytes())?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -85,13 +94,21 @@ fn status(admin: &str) -> anyhow::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
         let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
-        if buf[0] != b'$' {
-            anyhow::bail!("unexpected answer: {}", String::from_utf8_lossy(&buf[..eol]));
-        }
-        let len: usize = std::str::from_utf8(&buf[1..eol])?.parse()?;
-        if buf.len() >= eol + 2 + len {
-            print!("{}", String::from_utf8_lossy(&buf[eol + 2..eol + 2 + len]));
-            return Ok(());
+        let line = String::from_utf8_lossy(&buf[1..eol]).into_owned();
+        match buf[0] {
+            b'+' => {
+                println!("{line}");
+                return Ok(());
+            }
+            b'-' => anyhow::bail!("{line}"),
+            b'$' => {
+                let len: usize = line.parse()?;
+                if buf.len() >= eol + 2 + len {
+                    print!("{}", String::from_utf8_lossy(&buf[eol + 2..eol + 2 + len]));
+                    return Ok(());
+                }
+            }
+            _ => anyhow::bail!("unexpected answer: {}", String::from_utf8_lossy(&buf[..eol])),
         }
     }
 }
@@ -157,8 +174,10 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
 fn run(cli: Cli, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
-    if let Some(Command::Status { admin }) = &cli.command {
-        return status(admin);
+    match &cli.command {
+        Some(Command::Status { admin }) => return admin_command(admin, "STATUS"),
+        Some(Command::Takeover { admin }) => return admin_command(admin, "TAKEOVER"),
+        None => {}
     }
     let cfg = load(&cli)?;
     if cli.check {

@@ -95,6 +95,8 @@ pub struct ClientInfo {
     pub peer: String,
     pub local: String,
     pub name: Option<Bytes>,
+    /// `CLIENT SETINFO LIB-NAME` / `LIB-VER` (empty when unset).
+    pub lib: (Bytes, Bytes),
     pub db: u32,
     pub proto: u8,
     /// Redis's CLIENT LIST flags: `N` normal, `x` in MULTI, `P` pub/sub or MONITOR.
@@ -109,7 +111,7 @@ impl ClientInfo {
     pub fn line(&self) -> String {
         let name = self.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
         format!(
-            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={}{}{} user=default redir=-1 resp={}\n",
+            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={}{}{} user=default redir=-1 resp={} lib-name={} lib-ver={}\n",
             self.id,
             self.peer,
             self.local,
@@ -120,7 +122,9 @@ impl ClientInfo {
             self.cmd.0,
             if self.cmd.1.is_some() { "|" } else { "" },
             self.cmd.1.unwrap_or(""),
-            self.proto
+            self.proto,
+            String::from_utf8_lossy(&self.lib.0),
+            String::from_utf8_lossy(&self.lib.1)
         )
     }
 }
@@ -288,6 +292,8 @@ pub struct Session {
     pub core: usize,
     pub db: u32,
     pub proto: u8,
+    /// `CLIENT SETINFO` LIB-NAME and LIB-VER.
+    pub lib: (Bytes, Bytes),
     pub name: Option<Bytes>,
     pub authed: bool,
     pub peer: String,
@@ -405,6 +411,7 @@ impl Session {
             db: 0,
             proto: 2,
             name: None,
+            lib: (Bytes::new(), Bytes::new()),
             authed: env.password.is_empty(),
             peer,
             local,
@@ -1006,6 +1013,34 @@ impl Session {
                         None => resp::null(self.proto),
                     },
                     b"id" => resp::int(self.id as i64),
+                    // Client metadata (every redis-py/redis-rs connection sends it first):
+                    // kept by the proxy for CLIENT LIST/INFO; on a shared upstream connection it
+                    // would describe every client of the core, and it must not wait for a
+                    // primary during a failover.
+                    b"setinfo" if req.len() == 4 => {
+                        let attr = req.arg(2).to_ascii_lowercase();
+                        let value = req.arg(3);
+                        let valid = value.iter().all(|&c| (b'!'..=b'~').contains(&c));
+                        match attr.as_slice() {
+                            b"lib-name" | b"lib-ver" if !valid => resp::error(&format!(
+                                "ERR {} cannot contain spaces, newlines or special characters.",
+                                String::from_utf8_lossy(&attr)
+                            )),
+                            b"lib-name" => {
+                                self.lib.0 = req.arg_bytes(3);
+                                resp::simple("OK")
+                            }
+                            b"lib-ver" => {
+                                self.lib.1 = req.arg_bytes(3);
+                                resp::simple("OK")
+                            }
+                            _ => resp::error(&format!(
+                                "ERR Unrecognized option '{}'",
+                                String::from_utf8_lossy(req.arg(2))
+                            )),
+                        }
+                    }
+                    b"setinfo" => wrong_args("client|setinfo"),
                     // Connection flags: on a shared upstream connection they would apply to
                     // every client of the core, so the proxy takes them itself.
                     b"no-evict" if req.len() == 3 => match req.arg(2).to_ascii_lowercase().as_slice() {
@@ -1162,6 +1197,7 @@ impl Session {
             peer: self.peer.clone(),
             local: self.local.clone(),
             name: self.name.clone(),
+            lib: self.lib.clone(),
             db: self.db,
             proto: self.proto,
             flags: if self.in_multi {

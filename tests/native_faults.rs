@@ -668,6 +668,67 @@ fn replica_down_acks_on_the_primary_alone_or_refuses_with_min_replicas() {
     }
 }
 
+/// `resplica takeover --admin ADDR` (RESPLICA TAKEOVER on the admin port).
+fn takeover(node: &common::pair::Node) -> Result<String, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_resplica"))
+        .args(["takeover", "--admin", &node.admin_addr()])
+        .output()
+        .map_err(|e| format!("run resplica takeover: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// The copy holding the most is gone for good: a's Redis died (b took over and took writes),
+/// then b's whole node died, and a's Redis came back empty. a holds writes rather than serve
+/// from less, until the operator runs `resplica takeover`; then a serves, and b, rebuilt,
+/// replicates it.
+#[test]
+fn takeover_lifts_the_hold_when_the_copy_holding_more_is_gone() {
+    let mut pair = Pair::start_unsynced(native("all"));
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    pair.a.redis.kill();
+    let mut cb = Client::new(pair.b.port, Duration::from_secs(6));
+    for i in 0..100 {
+        cb.set_until_acked(&format!("b:{i}"), "v", Instant::now() + SETTLE)
+            .unwrap_or_else(|e| panic!("{e}\n{}", statuses(&pair)));
+    }
+    drop(cb);
+    pair.b.kill_proxy();
+    pair.b.redis.kill();
+    pair.a.redis.restart();
+    // a refuses to serve from its empty Redis: writes wait, and time out.
+    let held = wait_until(SETTLE, || status_of(pair.a.port).is_some_and(|st| st.get("writes") == "held"));
+    assert!(held, "a should hold writes\n{}", statuses(&pair));
+    // (The client waits longer than the proxy's request timeout: a definite refusal.)
+    let mut ca = Client::new(pair.a.port, Duration::from_secs(8));
+    let refused = ca.run::<()>(redis::cmd("SET").arg("before-takeover").arg(1));
+    let refused = refused.expect_err("a write through a must wait, not land on the empty Redis");
+    assert_eq!(refused.code(), Some("TRYAGAIN"), "{refused}");
+    assert_eq!(status_of(pair.a.port).map(|st| st.get("writes").to_string()).as_deref(), Some("held"));
+    let said = takeover(&pair.a).unwrap_or_else(|e| panic!("takeover failed: {e}\n{}", statuses(&pair)));
+    assert!(said.contains("operator takeover"), "{said}");
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let (k, v) = (format!("after:{i}"), i.to_string());
+        ca.set_until_acked(&k, &v, Instant::now() + SETTLE).unwrap_or_else(|e| panic!("{e}\n{}", statuses(&pair)));
+        acked.push((k, v));
+    }
+    assert_eq!(status_of(pair.a.port).map(|st| st.get("role").to_string()).as_deref(), Some("primary"));
+    let again = takeover(&pair.a).expect_err("a second takeover has nothing to lift");
+    assert!(again.contains("already"), "{again}");
+    // b comes back (empty): it replicates a.
+    pair.b.redis.restart();
+    pair.b.start_proxy();
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    let data = wait_equal(&pair, SETTLE);
+    assert_eq!(data.len(), acked.len(), "the keys written since the takeover, and nothing else");
+    assert_acked_on_both(&pair, &acked);
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. The primary Redis restarted empty
 // ---------------------------------------------------------------------------------------

@@ -210,6 +210,34 @@ fn db_pipeline_check(port: u16, db: i64, tag: &str) {
     }
 }
 
+/// CLIENT SETINFO is the client's own metadata: answered by the proxy (it must not reach a
+/// shared upstream connection, nor wait for a primary), shown by CLIENT INFO/LIST, with
+/// Redis's errors.
+#[test]
+fn client_setinfo_is_per_connection_and_shown_by_client_info() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis, &[]);
+    let mut a = proxy.conn();
+    let mut b = proxy.conn();
+    for (attr, v) in [("LIB-NAME", "mylib"), ("lib-ver", "1.2.3")] {
+        let ok: String = redis::cmd("CLIENT").arg("SETINFO").arg(attr).arg(v).query(&mut a).unwrap();
+        assert_eq!(ok, "OK");
+    }
+    let info: String = redis::cmd("CLIENT").arg("INFO").query(&mut a).unwrap();
+    assert!(info.contains(" lib-name=mylib lib-ver=1.2.3"), "{info}");
+    let other: String = redis::cmd("CLIENT").arg("INFO").query(&mut b).unwrap();
+    assert!(!other.contains("mylib"), "per connection: {other}");
+    let err = redis::cmd("CLIENT").arg("SETINFO").arg("lib-name").arg("a b").query::<()>(&mut a).unwrap_err();
+    assert!(err.to_string().contains("lib-name cannot contain spaces"), "{err}");
+    let err = redis::cmd("CLIENT").arg("SETINFO").arg("color").arg("red").query::<()>(&mut a).unwrap_err();
+    assert!(err.to_string().contains("Unrecognized option 'color'"), "{err}");
+    let err = redis::cmd("CLIENT").arg("SETINFO").arg("lib-name").query::<()>(&mut a).unwrap_err();
+    assert!(err.to_string().contains("wrong number of arguments"), "{err}");
+    // Redis itself holds no proxy client's library name.
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut redis.conn()).unwrap();
+    assert!(!list.contains("lib-name=mylib"), "{list}");
+}
+
 #[test]
 fn client_setname_getname_id_and_echo() {
     let redis = RedisServer::start();

@@ -410,6 +410,21 @@ enum Merge {
     Hosting(u64),
 }
 
+/// Why [`NativeNode::take_over`] did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TakeoverRefused {
+    /// Writes are already served: there is no hold to lift.
+    #[error("writes are served already: nothing to take over")]
+    AlreadyServing,
+    /// Both Redis answer: the pair decides from their histories (a hold then is a merge or a
+    /// handover that ends by itself).
+    #[error("both Redis are reachable: the pair decides from their histories")]
+    BothReachable,
+    /// Neither Redis answers: there is nothing to serve from.
+    #[error("neither Redis is reachable")]
+    NeitherReachable,
+}
+
 /// How many failover timeouts a side whose primary Redis is down holding unmerged writes
 /// waits for it before giving those writes up and moving to the peer's Redis (an operator
 /// would rather have writes back than wait for a Redis that may never return).
@@ -593,6 +608,69 @@ impl NativeNode {
             // Retried by the next tick (the conflict is still there).
             self.events.push(format!("partition merge failed at {now} ms; retrying"));
         }
+    }
+
+    /// The operator's `RESPLICA TAKEOVER`: stop waiting for a Redis that cannot be reached
+    /// and serve from the one that can. The pair holds writes rather than lose any when the
+    /// copy that holds the most is unreachable (after a restart with less, a primary Redis
+    /// down holding a tail, a lone start with `lone_start = "never"`); an operator who knows
+    /// that copy is gone for good lifts the hold. Writes only the unreachable copy held are
+    /// lost if it never returns; if it does, it meets this side as after a partition (its
+    /// keys written since are merged or counted as conflicts).
+    ///
+    /// Returns what was decided and the commands to carry out.
+    pub fn take_over(&mut self, now: u64) -> Result<(String, Vec<Command>), TakeoverRefused> {
+        if self.route(now).writes.is_some() {
+            return Err(TakeoverRefused::AlreadyServing);
+        }
+        let l = self.local.current().cloned();
+        let p = self.peer_redis.current().cloned();
+        let peer_epoch = self.peer.as_ref().map_or(0, |(r, _)| r.epoch);
+        let mut out = Vec::new();
+        let side = match (&l, &p) {
+            (Some(_), Some(_)) => return Err(TakeoverRefused::BothReachable),
+            (None, None) => return Err(TakeoverRefused::NeitherReachable),
+            (Some(_), None) => Side::Local,
+            (None, Some(_)) => Side::Peer,
+        };
+        let info = l.as_ref().or(p.as_ref()).cloned().unwrap_or_default();
+        self.merge = Merge::Idle;
+        self.handover = None;
+        self.holding_for_local = false;
+        self.holding_for_peer = false;
+        self.waiting_for_unmerged = None;
+        self.detached = false;
+        // Above every epoch the other side claimed: its older decisions cannot outrank this.
+        self.epoch = self.epoch.max(peer_epoch);
+        self.primary = None;
+        self.set_primary(side, "operator takeover (RESPLICA TAKEOVER)");
+        if side == Side::Local {
+            // The other copy may return holding writes ours lacks: record ours meanwhile.
+            self.recording = true;
+        } else {
+            // Our own Redis's tail is given up.
+            self.unmerged = false;
+            self.recording = false;
+            out.push(Command::ClearRecorded);
+        }
+        if !info.master {
+            out.push(Command::Promote(side));
+        }
+        self.failovers += 1;
+        let who = match side {
+            Side::Local => &self.cfg.id,
+            Side::Peer => &self.cfg.peer_id,
+        };
+        let msg = format!(
+            "operator takeover: {who}'s Redis ({}) is the primary at epoch {}; writes only the unreachable copy held are lost unless it returns",
+            info.history(),
+            self.epoch
+        );
+        self.events.push(msg.clone());
+        for c in &out {
+            self.last_cmd = Some((c.clone(), now));
+        }
+        Ok((msg, out))
     }
 
     /// This sidecar is about to leave (SIGTERM drain): if its Redis is the primary and the
@@ -1668,5 +1746,31 @@ mod tests {
             let cmds = a.tick(700);
             assert_eq!(!cmds.contains(&Command::ClearRecorded), kept, "snapshot at {saved_at}: {cmds:?}");
         }
+    }
+
+    #[test]
+    fn takeover_lifts_only_a_hold_on_an_unreachable_copy() {
+        let mut a = NativeNode::new(cfg("a", 100, "b", 90), 0);
+        assert_eq!(a.take_over(0).unwrap_err(), TakeoverRefused::NeitherReachable);
+        a.on_local(0, Ok(info(true, "A", 10)));
+        a.on_peer_redis(0, Ok(info(false, "A", 10)));
+        assert_eq!(a.take_over(0).unwrap_err(), TakeoverRefused::BothReachable);
+        // The peer's Redis gone, ours a replica of it that never synced: writes wait.
+        let mut b = NativeNode::new(cfg("b", 90, "a", 100), 0);
+        b.on_local(0, Ok(info(false, "A", 10)));
+        b.on_peer_redis(0, Err(Unreachable::Refused));
+        b.tick(0);
+        assert_eq!(b.route(0).writes, None);
+        let (msg, cmds) = b.take_over(10).expect("takeover");
+        assert!(msg.contains("operator takeover"), "{msg}");
+        assert_eq!(cmds, vec![Command::Promote(Side::Local)]);
+        assert_eq!(b.primary(), Some(Side::Local));
+        // Promoted (same run, a new replid).
+        b.on_local(20, Ok(ReplInfo { run_id: "run-A".into(), ..info(true, "B", 10) }));
+        b.on_peer_redis(20, Err(Unreachable::Refused));
+        b.tick(20);
+        assert_eq!(b.route(20).writes, Some(Side::Local));
+        assert!(b.route(20).recording, "the other copy may return with writes ours lacks");
+        assert_eq!(b.take_over(30).unwrap_err(), TakeoverRefused::AlreadyServing);
     }
 }

@@ -1,13 +1,16 @@
 //! The admin port (`[node] admin_listen`), on core 0 in every mode. One listener speaks two
 //! protocols, told apart by the first line:
 //! - RESP: `RESPLICA STATUS` (or `STATUS`) and `PING`, for `resplica status` and redis-cli;
+//!   `RESPLICA TAKEOVER` (native mode, `resplica takeover`): the operator lifts a hold the
+//!   pair keeps while the copy holding the most is unreachable (see `NativeNode::take_over`);
 //! - HTTP/1.1 `GET`/`HEAD`, for Kubernetes and Prometheus:
 //!   `/livez` (200 while the process serves), `/readyz` (200 only when this sidecar can serve
 //!   reads and writes correctly now; 503 with the reason otherwise: draining after SIGTERM, the
 //!   pair forming or failing over, the Redis unreachable), `/status` (the status text;
 //!   `?format=json` as a JSON object), `/metrics` (Prometheus text format, see `metrics`).
 //!
-//! It reads shared state only (the status text, the route, the counters); it decides nothing.
+//! It reads shared state only (the status text, the route, the counters) and decides nothing;
+//! a takeover is handed to the native shell, whose control plane decides.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -109,13 +112,20 @@ fn answer_resp(core: &Core, req: &Request) -> bytes::Bytes {
     let name = req.arg(0).to_ascii_lowercase();
     let is_status =
         name == b"status" || (name == b"resplica" && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"status"));
+    let is_takeover = name == b"resplica" && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"takeover");
     if is_status {
         resp::bulk(status_text(core).as_bytes())
+    } else if is_takeover {
+        let shell = core.native_shell.borrow().clone();
+        match shell {
+            Some(shell) => shell.take_over(),
+            None => resp::error("ERR resplica: RESPLICA TAKEOVER is for a native-mode pair"),
+        }
     } else if name == b"ping" {
         resp::simple("PONG")
     } else {
         resp::error(
-            "ERR the admin port answers RESPLICA STATUS and PING (and HTTP GET /livez /readyz /status /metrics)",
+            "ERR the admin port answers RESPLICA STATUS, RESPLICA TAKEOVER and PING (and HTTP GET /livez /readyz /status /metrics)",
         )
     }
 }

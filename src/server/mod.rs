@@ -134,6 +134,8 @@ pub(crate) struct Core {
     pub redis_run_id: RefCell<String>,
     /// Core 0 of a node with peers: the replication shell.
     pub repl: RefCell<Option<Rc<replica::Repl>>>,
+    /// Native mode's control shell (core 0 only; the admin port's `RESPLICA TAKEOVER`).
+    pub native_shell: RefCell<Option<Rc<native::Shell>>>,
     /// This core's counters (only this core writes them).
     pub metrics: Arc<crate::metrics::CoreMetrics>,
 }
@@ -441,6 +443,7 @@ async fn core_main(
         outbox_ready: Signal::default(),
         redis_run_id: RefCell::new(String::new()),
         repl: RefCell::new(None),
+        native_shell: RefCell::new(None),
         metrics: shared.metrics[idx].clone(),
     });
     if idx == 0 && cfg.mirror() {

@@ -33,7 +33,7 @@ use crate::route::NativeRoute;
 /// Keys copied per round trip during a partition merge.
 const MERGE_BATCH: usize = 256;
 
-struct Shell {
+pub(crate) struct Shell {
     core: Rc<Core>,
     node: RefCell<NativeNode>,
     route: Arc<NativeRoute>,
@@ -72,6 +72,25 @@ impl Shell {
         !want.is_empty()
             && given.len() == want.len()
             && want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl Shell {
+    /// The operator's `RESPLICA TAKEOVER` (see [`NativeNode::take_over`]): the reply.
+    pub fn take_over(self: &Rc<Self>) -> bytes::Bytes {
+        let now = self.now();
+        let decided = self.node.borrow_mut().take_over(now);
+        match decided {
+            Ok((msg, cmds)) => {
+                warn!("{msg}");
+                for c in cmds {
+                    execute(self, c);
+                }
+                self.publish(now);
+                resp::simple(&msg)
+            }
+            Err(e) => resp::error(&format!("ERR resplica: takeover refused: {e}")),
+        }
     }
 }
 
@@ -114,6 +133,7 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
         last_writes: Cell::new(None),
         caught_up_at: Cell::new(0),
     });
+    *core.native_shell.borrow_mut() = Some(shell.clone());
     monoio::spawn(serve_peer(shell.clone(), listener));
     monoio::spawn(observe_loop(shell.clone(), Side::Local));
     monoio::spawn(observe_loop(shell.clone(), Side::Peer));
