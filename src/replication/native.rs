@@ -722,9 +722,13 @@ impl NativeNode {
     fn may_overwrite(&self, l: &ReplInfo, p: &ReplInfo) -> bool {
         // Only an offset of a history our copy shares counts (after both lost theirs, the old
         // figure says nothing about the new one).
+        // Without that figure (the peer's sidecar restarted and lost it) nothing says our copy
+        // holds what the peer's held: keys it holds keep their value (counted conflicts).
         let shared = |id: &str| !id.is_empty() && (l.replid == id || l.replid2 == id);
-        let confirmed = self.peer.as_ref().filter(|(r, _)| shared(&r.confirmed_replid)).map_or(0, |(r, _)| r.confirmed);
-        fork_point(l, p).is_some_and(|f| f >= confirmed)
+        let Some((r, _)) = self.peer.as_ref().filter(|(r, _)| shared(&r.confirmed_replid)) else {
+            return false;
+        };
+        fork_point(l, p).is_some_and(|f| f >= r.confirmed)
     }
 
     /// Our Redis restarted from a snapshot: whether the keys recorded against its previous run
