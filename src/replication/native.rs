@@ -914,7 +914,17 @@ impl NativeNode {
         // Our primary Redis is down holding writes of ours that no other copy has: they are
         // merged when it returns; meanwhile this side's writes do not move to the peer's Redis
         // (`set_unmerged`), for a bounded time.
-        if l.is_none() && self.unmerged && self.primary == Some(Side::Local) {
+        // (Nothing is unmerged once the peer's Redis holds everything ours was last seen
+        // holding; and a side already following the peer's has nothing to wait for.)
+        let peer_holds_ours = matches!(
+            (&p, &self.local.info),
+            (Some(p), Some(last)) if matches!(compare(p, last), Holds::First | Holds::Equal)
+        );
+        if l.is_none() && self.unmerged && peer_holds_ours {
+            self.unmerged = false;
+            self.issue(now, Command::ClearRecorded, &mut out);
+        }
+        if l.is_none() && self.unmerged && self.primary != Some(Side::Peer) {
             let since = *self.waiting_for_unmerged.get_or_insert(now);
             if now.saturating_sub(since) >= ft * UNMERGED_WAIT_FAILOVERS {
                 self.events.push(format!(
@@ -1299,6 +1309,7 @@ impl NativeNode {
                     self.set_primary(Side::Local, "the peer's Redis is down");
                 }
             }
+            (None, Some(_)) if self.waiting_for_unmerged.is_some() => {}
             (None, Some(p)) => {
                 if p.master {
                     self.set_primary(Side::Peer, "the local Redis is down and the peer's is primary");
