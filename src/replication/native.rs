@@ -410,6 +410,15 @@ enum Merge {
     Hosting(u64),
 }
 
+/// What a restart of the local Redis leaves of the recorded keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeepRecorded {
+    Yes,
+    /// Kept, but a merge of them must not replace keys the peer's Redis holds.
+    NoOverwrite,
+    No,
+}
+
 /// Why [`NativeNode::take_over`] did nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TakeoverRefused {
@@ -490,6 +499,9 @@ pub struct NativeNode {
     waiting_for_unmerged: Option<u64>,
     /// The run of the peer's Redis the running merge copies into.
     merge_peer_run: String,
+    /// The recorded keys outlived a restart of our Redis whose history nothing relates to
+    /// the peer's: merging them must not replace keys the peer's Redis holds.
+    recorded_no_overwrite: bool,
     /// We sent `REPLICAOF NO ONE` to the peer's Redis (handover) and wait to see it primary.
     awaiting_peer_promotion: Option<u64>,
 }
@@ -522,6 +534,7 @@ impl NativeNode {
             unmerged: false,
             waiting_for_unmerged: None,
             merge_peer_run: String::new(),
+            recorded_no_overwrite: false,
             awaiting_peer_promotion: None,
             vetted: (String::new(), String::new()),
             local_synced: false,
@@ -597,6 +610,7 @@ impl NativeNode {
             self.primary = Some(Side::Peer);
             self.vet(Side::Peer);
             self.recording = false;
+            self.recorded_no_overwrite = false;
             // The local Redis now syncs from the peer's current run on purpose: not a restart
             // to detach from.
             if let Some(i) = &self.peer_redis.info {
@@ -724,6 +738,9 @@ impl NativeNode {
         // figure says nothing about the new one).
         // Without that figure (the peer's sidecar restarted and lost it) nothing says our copy
         // holds what the peer's held: keys it holds keep their value (counted conflicts).
+        if self.recorded_no_overwrite {
+            return false;
+        }
         let shared = |id: &str| !id.is_empty() && (l.replid == id || l.replid2 == id);
         let Some((r, _)) = self.peer.as_ref().filter(|(r, _)| shared(&r.confirmed_replid)) else {
             return false;
@@ -737,9 +754,9 @@ impl NativeNode {
     /// recorded key holds everything the peer's copy does, and possibly some of our writes
     /// the peer lacks (those after the snapshot are lost with it, not merged). Unknown
     /// (the peer's Redis never seen, or no common history): not kept.
-    fn restart_keeps_recorded(&self, new: Option<&ReplInfo>, peer: Option<&ReplInfo>) -> bool {
-        let (Some(new), Some(old), Some(peer)) = (new, self.local.before_restart.as_ref(), peer) else {
-            return false;
+    fn restart_keeps_recorded(&self, new: Option<&ReplInfo>, peer: Option<&ReplInfo>) -> KeepRecorded {
+        let (Some(new), Some(old)) = (new, self.local.before_restart.as_ref()) else {
+            return KeepRecorded::No;
         };
         // Where the new run stands in the previous run's history.
         let saved = if new.replid == old.replid {
@@ -749,9 +766,13 @@ impl NativeNode {
         } else {
             None
         };
-        match (saved, fork_point(old, peer)) {
-            (Some(saved), Some(peer_holds)) => saved >= peer_holds,
-            _ => false,
+        match (saved, peer.and_then(|peer| fork_point(old, peer))) {
+            (Some(saved), Some(peer_holds)) if saved >= peer_holds => KeepRecorded::Yes,
+            (Some(_), Some(_)) | (None, _) => KeepRecorded::No,
+            // The snapshot continues our history, but nothing relates it to the peer's (its
+            // history was lost in a restart of its own, or never seen): the keys are merged
+            // without replacing any the peer holds (conflicts, counted).
+            (Some(_), None) => KeepRecorded::NoOverwrite,
         }
     }
 
@@ -846,6 +867,9 @@ impl NativeNode {
         if matches!(cmd, Command::FollowPeer | Command::Merge { .. }) {
             // A (full) sync starts: until it completes the local copy is not the primary's.
             self.local_synced = false;
+        }
+        if cmd == Command::ClearRecorded {
+            self.recorded_no_overwrite = false;
         }
         if cmd == Command::FollowPeer {
             // Compared just now: the peer's run holds at least what ours does.
@@ -1147,13 +1171,20 @@ impl NativeNode {
         // primary: compare both histories again before sending it writes (N5); a copy that
         // came back holding less must not take writes and then win as "diverged".
         // (The peer's Redis as last seen: once apart, a fork only moves further away.)
-        if local_restarted && !self.restart_keeps_recorded(l.as_ref(), self.peer_redis.info.as_ref()) {
+        let keep = if local_restarted {
+            self.restart_keeps_recorded(l.as_ref(), self.peer_redis.info.as_ref())
+        } else {
+            KeepRecorded::Yes
+        };
+        if keep == KeepRecorded::No {
             // The keys recorded were written to the previous run: what this one holds of them
             // is older than what the peer's Redis holds (a snapshot from before the point the
             // two histories part, or nothing); copying it in a merge could only overwrite
             // newer values.
             self.recording = false;
             self.issue(now, Command::ClearRecorded, &mut out);
+        } else if keep == KeepRecorded::NoOverwrite {
+            self.recorded_no_overwrite = true;
         }
         if local_restarted {
             if self.primary == Some(Side::Local) {
