@@ -1056,6 +1056,8 @@ impl Sim {
                         self.cars[i].recorded,
                         peer_rec
                     );
+                    // As the shell: without the winner's key list, no key it holds is replaced.
+                    let overwrite = overwrite && with_peer;
                     self.cars[i].merge = Some((now + d, peer_rec, overwrite, peer_run));
                 } else {
                     let now = self.now;
@@ -1400,8 +1402,13 @@ impl Sim {
                     self.lost_records.push((i, k.clone(), now));
                     self.lossy_keys.insert(k.clone());
                 }
+                // The keys its clients wrote into the peer's Redis alone (for the peer's merge)
+                // are memory too.
+                for k in std::mem::take(&mut self.cars[i].peer_written) {
+                    self.lost_records.push((i, k.clone(), now));
+                    self.lossy_keys.insert(k);
+                }
                 self.cars[i].node = None;
-                self.cars[i].peer_written.clear();
                 self.cars[i].paused = false;
                 self.cars[i].resume_at = None;
                 self.cars[i].inbox.clear();

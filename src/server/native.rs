@@ -701,15 +701,21 @@ async fn same_run(conn: &mut TcpStream, want: &str, timeout: u64) -> Result<(), 
 /// nothing) a key the peer's Redis already holds keeps its value there (a conflict).
 async fn merge(shell: &Rc<Shell>, overwrite: bool, peer_run: &str) -> Result<(), String> {
     let timeout = shell.core.shared.cfg.redis.request_timeout_ms;
-    // The winner's sidecar holds its writes and names the keys its clients wrote; when it is
-    // down nobody writes its Redis but through us (and those writes left our list).
+    // The winner's sidecar holds its writes and names the keys its clients wrote. Without it
+    // (dead, or only paused or cut off) those keys are unknown: no key the winner's Redis
+    // holds is replaced (each such key of ours is a counted conflict, never a silent loss of
+    // the winner's writes).
     let mut link = match connect_peer(shell, timeout).await {
         Ok(l) => Some(l),
         Err(e) => {
-            warn!("partition merge without {}'s sidecar ({e}): its keys are taken as unwritten", shell.peer_id);
+            warn!(
+                "partition merge without {}'s sidecar ({e}): keys its Redis holds keep their value there",
+                shell.peer_id
+            );
             None
         }
     };
+    let overwrite = overwrite && link.is_some();
     let (their_overflow, theirs, into_ours) = match link.as_mut() {
         Some(link) => {
             let reply = roundtrip(link, &[vec![b"RS.NMERGE".to_vec()]], timeout).await?;
