@@ -1478,6 +1478,11 @@ impl NativeNode {
                     // Ours is detached and the peer's is a replica of nobody reachable (and
                     // holds no more than ours: if it does, its sidecar promotes it).
                     self.set_primary(Side::Local, "the peer's Redis is a replica that cannot sync");
+                } else if p.link_up && !p.syncing && p.replid == l.replid && compare(p, l) != Holds::First {
+                    // The peer's Redis replicates ours (its sidecar made it, after deciding at
+                    // a lower epoch than ours): ours is the primary in fact, holding everything
+                    // the peer's does.
+                    self.set_primary(Side::Local, "the peer's Redis replicates ours");
                 } else if !p.syncing && compare(p, l) == Holds::First {
                     // Ours came back holding less (restarted from an old snapshot) and the
                     // peer's, still configured as its replica, holds more. Its sidecar would
