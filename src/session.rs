@@ -97,6 +97,8 @@ pub struct ClientInfo {
     pub name: Option<Bytes>,
     /// `CLIENT SETINFO LIB-NAME` / `LIB-VER` (empty when unset).
     pub lib: (Bytes, Bytes),
+    /// The Redis user it authenticated as.
+    pub user: Bytes,
     pub db: u32,
     pub proto: u8,
     /// Redis's CLIENT LIST flags: `N` normal, `x` in MULTI, `P` pub/sub or MONITOR.
@@ -111,7 +113,7 @@ impl ClientInfo {
     pub fn line(&self) -> String {
         let name = self.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
         format!(
-            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={}{}{} user=default redir=-1 resp={} lib-name={} lib-ver={}\n",
+            "id={} addr={} laddr={} fd=-1 name={} age=0 idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={}{}{} user={} redir=-1 resp={} lib-name={} lib-ver={}\n",
             self.id,
             self.peer,
             self.local,
@@ -122,6 +124,7 @@ impl ClientInfo {
             self.cmd.0,
             if self.cmd.1.is_some() { "|" } else { "" },
             self.cmd.1.unwrap_or(""),
+            String::from_utf8_lossy(&self.user),
             self.proto,
             String::from_utf8_lossy(&self.lib.0),
             String::from_utf8_lossy(&self.lib.1)
@@ -137,6 +140,8 @@ pub struct KillFilter {
     pub laddr: Option<String>,
     /// `normal` or `pubsub` (`master`/`replica` match nobody behind a proxy).
     pub kind: Option<String>,
+    /// The Redis user the client authenticated as.
+    pub user: Option<String>,
     pub skip_me: bool,
     /// The old `CLIENT KILL addr:port` form: answers +OK or an error instead of a count.
     pub legacy: bool,
@@ -148,6 +153,7 @@ impl KillFilter {
         self.id.is_none_or(|id| id == c.id)
             && self.addr.as_ref().is_none_or(|a| *a == c.peer)
             && self.laddr.as_ref().is_none_or(|a| *a == c.local)
+            && self.user.as_ref().is_none_or(|u| u.as_bytes() == &c.user[..])
             && self.kind.as_ref().is_none_or(|k| match k.as_str() {
                 "normal" => c.flags != 'P',
                 "pubsub" => c.flags == 'P',
@@ -188,6 +194,19 @@ pub enum Action {
     Clients(ClientQuery),
     /// RESPLICA STATUS: answered by the shell from the replication status.
     Status,
+    /// `AUTH user pass` (or `HELLO … AUTH user pass`) for a Redis ACL user other than
+    /// `default`: Redis checks the credentials (the shell opens a connection as that user).
+    /// On success the shell calls [`Session::acl_verified`] and, for `hello`, offers the
+    /// request again; on failure it answers Redis's error.
+    Auth { user: AclUser, hello: bool },
+}
+
+/// A Redis ACL user a client authenticated as: its commands go over connections
+/// authenticated as that user, so that Redis applies its permissions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AclUser {
+    pub name: Bytes,
+    pub pass: Bytes,
 }
 
 /// The refused commands, resolved once to table entries so the per-request check is a
@@ -296,6 +315,11 @@ pub struct Session {
     pub lib: (Bytes, Bytes),
     pub name: Option<Bytes>,
     pub authed: bool,
+    /// The Redis ACL user this client authenticated as (`None`: the proxy's own upstream
+    /// identity, shown as `default`).
+    pub user: Option<AclUser>,
+    /// Credentials Redis just accepted for a `HELLO … AUTH` offered again.
+    verified: Option<AclUser>,
     pub peer: String,
     pub local: String,
     reply_mode: ReplyMode,
@@ -398,6 +422,27 @@ impl Inflight {
 
 const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 
+/// Mirror mode applies writes through the sequencer's own connections: a Redis ACL user's
+/// permissions could not be applied to them.
+const ACL_USERS_IN_MIRROR: &str =
+    "ERR resplica: Redis ACL users are served in single-node and native mode, not in mirror mode (AUTH as the default user)";
+
+/// `HELLO … AUTH user pass` naming a Redis ACL user other than `default`.
+fn hello_acl_user(req: &Request) -> Option<AclUser> {
+    let mut i = 2;
+    while i < req.len() {
+        let opt = req.arg(i).to_ascii_lowercase();
+        if opt == b"auth" && i + 2 < req.len() {
+            if req.arg(i + 1) == b"default" {
+                return None;
+            }
+            return Some(AclUser { name: req.arg_bytes(i + 1), pass: req.arg_bytes(i + 2) });
+        }
+        i += if opt == b"setname" { 2 } else { 1 };
+    }
+    None
+}
+
 fn wrong_args(name: &str) -> Bytes {
     resp::error(&format!("ERR wrong number of arguments for '{name}' command"))
 }
@@ -412,6 +457,8 @@ impl Session {
             proto: 2,
             name: None,
             lib: (Bytes::new(), Bytes::new()),
+            user: None,
+            verified: None,
             authed: env.password.is_empty(),
             peer,
             local,
@@ -949,6 +996,8 @@ impl Session {
         self.proto = 2;
         self.name = None;
         self.authed = env.password.is_empty();
+        self.user = None;
+        self.verified = None;
         self.reply_mode = ReplyMode::On;
         self.dedicated_lost();
         self.queued.clear();
@@ -983,8 +1032,28 @@ impl Session {
                     }
                 }
             }
+            // Who this client is, not who the shared upstream connection is.
+            b"acl" if req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"whoami") => {
+                resp::bulk(self.user.as_ref().map_or(&b"default"[..], |u| &u.name[..]))
+            }
+            b"auth" if req.len() == 3 && req.arg(1) != b"default" => {
+                if env.pair {
+                    resp::error(ACL_USERS_IN_MIRROR)
+                } else {
+                    let user = AclUser { name: req.arg_bytes(1), pass: req.arg_bytes(2) };
+                    return Some(Action::Auth { user, hello: false });
+                }
+            }
             b"auth" => self.auth(req, env),
             b"hello" => {
+                if let Some(user) = hello_acl_user(req) {
+                    if env.pair {
+                        return Some(self.local_reply(resp::error(ACL_USERS_IN_MIRROR)));
+                    }
+                    if self.verified.as_ref() != Some(&user) {
+                        return Some(Action::Auth { user, hello: true });
+                    }
+                }
                 let wants_proto_change = req.len() > 1 && parse_int(req.arg(1)).is_some_and(|p| p != self.proto as i64);
                 if wants_proto_change && !self.inflight.is_empty() {
                     return Some(Action::Wait);
@@ -1086,6 +1155,18 @@ impl Session {
         Some(self.local_reply(reply))
     }
 
+    /// Redis accepted `user`'s credentials (an [`Action::Auth`]): for `AUTH`, the client is
+    /// that user from now on; for `HELLO`, the request offered again completes it.
+    pub fn acl_verified(&mut self, user: AclUser, hello: bool) -> Bytes {
+        if hello {
+            self.verified = Some(user);
+            return Bytes::new();
+        }
+        self.user = Some(user);
+        self.authed = true;
+        resp::simple("OK")
+    }
+
     fn auth(&mut self, req: &Request, env: &SessionEnv) -> Bytes {
         let (user, pass): (&[u8], &[u8]) = match req.len() {
             2 => (b"default", req.arg(1)),
@@ -1100,12 +1181,14 @@ impl Session {
             }
             if user == b"default" {
                 self.authed = true;
+                self.user = None;
                 return resp::simple("OK");
             }
             return resp::error(WRONGPASS);
         }
         if user == b"default" && pass == env.password.as_bytes() {
             self.authed = true;
+            self.user = None;
             resp::simple("OK")
         } else {
             resp::error(WRONGPASS)
@@ -1125,20 +1208,26 @@ impl Session {
         }
         let mut authed_now = false;
         let mut new_name = None;
+        let mut new_user = None;
         while i < req.len() {
             let opt = req.arg(i).to_ascii_lowercase();
             let more = req.len() - i - 1;
             if opt == b"auth" && more >= 2 {
                 let user = req.arg(i + 1);
                 let pass = req.arg(i + 2);
-                let ok = if env.password.is_empty() {
-                    user == b"default"
+                let acl = AclUser { name: req.arg_bytes(i + 1), pass: req.arg_bytes(i + 2) };
+                let ok = if user != b"default" {
+                    // Checked by Redis just before this request was offered again.
+                    self.verified.as_ref() == Some(&acl)
+                } else if env.password.is_empty() {
+                    true
                 } else {
-                    user == b"default" && pass == env.password.as_bytes()
+                    pass == env.password.as_bytes()
                 };
                 if !ok {
                     return resp::error(WRONGPASS);
                 }
+                new_user = Some((user != b"default").then_some(acl));
                 authed_now = true;
                 i += 3;
             } else if opt == b"setname" && more >= 1 {
@@ -1162,6 +1251,10 @@ impl Session {
         if authed_now {
             self.authed = true;
         }
+        if let Some(u) = new_user {
+            self.user = u;
+        }
+        self.verified = None;
         if let Some(n) = new_name {
             self.name = if n.is_empty() { None } else { Some(n) };
         }
@@ -1198,6 +1291,7 @@ impl Session {
             local: self.local.clone(),
             name: self.name.clone(),
             lib: self.lib.clone(),
+            user: self.user.as_ref().map_or_else(|| Bytes::from_static(b"default"), |u| u.name.clone()),
             db: self.db,
             proto: self.proto,
             flags: if self.in_multi {
@@ -1216,6 +1310,8 @@ impl Session {
         info.db == self.db
             && info.proto == self.proto
             && info.name == self.name
+            && info.lib == self.lib
+            && self.user.as_ref().map_or(&b"default"[..], |u| &u.name[..]) == &info.user[..]
             && info.flags
                 == if self.in_multi {
                     'x'
@@ -1287,9 +1383,9 @@ fn parse_client_kill(req: &Request) -> Result<ClientQuery, Bytes> {
                 }
                 f.kind = Some(t);
             }
-            // Every client of the proxy is the default user.
-            b"user" if value == "default" => {}
-            b"user" => return Err(resp::error(&format!("ERR No such user '{value}'"))),
+            // (The proxy does not know which users Redis has: an unknown one matches nobody,
+            // where Redis answers "No such user".)
+            b"user" => f.user = Some(value),
             b"skipme" => match value.to_ascii_lowercase().as_str() {
                 "yes" => f.skip_me = true,
                 "no" => f.skip_me = false,

@@ -1124,18 +1124,22 @@ fn backlog_overflow_forces_full_resync() {
         }
     }
     let took = t.elapsed();
-    // Reads through b while its Redis is stopped and out of sync: served from the writer.
-    let read_b = conn_with_timeout(pair.b.port, Duration::from_secs(3))
-        .and_then(|mut c| redis::cmd("GET").arg("bo:k:7:15").query::<Option<String>>(&mut c));
     let overflowed = wait_until(Duration::from_secs(5), || {
         pair.a.status().is_ok_and(|s| {
             s.replica("b").is_some_and(|r| r.get("state") == "resyncing" || r.num("resyncs") > resyncs_before)
         })
     });
+    // Reads through b while its Redis is stopped and known out of sync (b heard it from the
+    // writer): served from the writer. (Before b hears it, a read there may wait for its
+    // stopped Redis: write_ack = "local" promises read-your-writes only on the writing side.)
+    let knows = wait_until(Duration::from_secs(5), || pair.b.status().is_ok_and(|s| s.get("local_in_sync") == "0"));
+    let read_b = conn_with_timeout(pair.b.port, Duration::from_secs(3))
+        .and_then(|mut c| redis::cmd("GET").arg("bo:k:7:15").query::<Option<String>>(&mut c));
     let st_during = pair.a.status().map(|s| s.raw).unwrap_or_else(|e| e);
     pair.b.redis.cont();
     eprintln!("512 KiB written through a in {took:?} with b's Redis stopped; a's status then:\n{st_during}");
     assert!(took < Duration::from_secs(4), "write_ack=local writes through a waited for the stopped Redis: {took:?}");
+    assert!(knows, "b should learn from the writer that its Redis is out of sync:\n{st_during}");
     match read_b {
         Ok(v) => assert_eq!(v.as_deref(), Some(value.as_str()), "read through b while its Redis is out of sync"),
         Err(e) => panic!("read through b while its Redis is stopped (must be served from the writer): {e}"),

@@ -21,12 +21,12 @@ use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::io::read_more;
-use super::lane::{connect_redis, roundtrip, Sink};
+use super::lane::{connect_redis_as, roundtrip, Sink};
 use super::stall::{tick_for, StallClock};
 use super::{Core, CoreMsg, Signal};
 use crate::replication::native::Side;
 use crate::resp::{self, ReplySkimmer, RequestParser};
-use crate::session::{Action, ClientInfo, ClientQuery, DedicatedUse, Forward, Lane, Session, Tag};
+use crate::session::{AclUser, Action, ClientInfo, ClientQuery, DedicatedUse, Forward, Lane, Session, Tag};
 
 /// Stop reading requests while this many reply bytes wait to be written.
 const BACKPRESSURE_BYTES: usize = 4 << 20;
@@ -465,6 +465,22 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     client.push_local(r);
                 }
                 Action::Forward(f) => dispatch(&client, f, &mut dedicated).await,
+                Action::Auth { user, hello } => {
+                    // Inline: the requests after it are read once the client is that user.
+                    match verify_user(&client.core, &user).await {
+                        Ok(()) => {
+                            let reply = client.session.borrow_mut().acl_verified(user, hello);
+                            if hello {
+                                // Offered again, now verified, to complete.
+                                held = Some(req);
+                                holding = true;
+                                break;
+                            }
+                            client.push_local(reply);
+                        }
+                        Err(e) => client.push_local(e),
+                    }
+                }
                 Action::Status => {
                     let text = client.core.shared.status.lock().map(|s| s.clone()).unwrap_or_default();
                     let text = if text.is_empty() { "role:single\n".to_string() } else { text };
@@ -513,6 +529,18 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
     }
 }
 
+/// The shared connection of a Redis ACL user's client for `f` (its own core's: a user's
+/// requests do not hop to a slot's core), or `None` for the default user.
+fn user_lane(client: &Client, f: &Forward) -> Option<Rc<super::lane::Lane>> {
+    let s = client.session.borrow();
+    let user = s.user.as_ref()?;
+    match f.lane {
+        Lane::Shared(_) => Some(client.core.user_lane(user, s.proto, false)),
+        Lane::PeerShared => Some(client.core.user_lane(user, s.proto, true)),
+        _ => None,
+    }
+}
+
 /// Native mode: `f` goes to a shared connection that is down now.
 fn native_lane_down(client: &Client, f: &Forward) -> bool {
     let core = &client.core;
@@ -520,9 +548,11 @@ fn native_lane_down(client: &Client, f: &Forward) -> bool {
         return false;
     }
     let proto = client.session.borrow().proto;
-    let lane = match f.lane {
-        Lane::Shared(owner) if owner == core.idx => core.lane(proto),
-        Lane::PeerShared => core.peer_lane(proto),
+    let user = user_lane(client, f);
+    let lane = match (&user, &f.lane) {
+        (Some(l), _) => l,
+        (None, Lane::Shared(owner)) if *owner == core.idx => core.lane(proto),
+        (None, Lane::PeerShared) => core.peer_lane(proto),
         _ => return false,
     };
     if f.write {
@@ -534,6 +564,13 @@ fn native_lane_down(client: &Client, f: &Forward) -> bool {
 
 async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedicated>) {
     let core = &client.core;
+    if let Some(lane) = user_lane(client, &f) {
+        let seq = client.push_pending(Some(f.tag), f.discard);
+        if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq), f.write) {
+            client.fill(seq, reply);
+        }
+        return;
+    }
     match f.lane {
         Lane::Shared(owner) if owner == core.idx => {
             let proto = client.session.borrow().proto;
@@ -596,7 +633,9 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 // while busy in another database (the SELECT could fail and it would not).
                 let usable = f.db == 0 || f.any_db || !f.allow_busy;
                 let local = core.dedicated_target() == core.shared.cfg.redis.address;
-                let warm = if usable && local { core.warm.borrow_mut().pop() } else { None };
+                // (Spare connections are the default user's.)
+                let as_default = client.session.borrow().user.is_none();
+                let warm = if usable && local && as_default { core.warm.borrow_mut().pop() } else { None };
                 if let Some(w) = warm {
                     core.warm_refill.notify();
                     *dedicated = Some(adopt_dedicated(client, w, 0, 2, false));
@@ -701,6 +740,29 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
     }
 }
 
+/// Ask Redis whether `user`'s credentials are good (`AUTH user pass` on a connection of its
+/// own, to the Redis that serves writes): `Err` is the reply for the client (Redis's own
+/// error, e.g. WRONGPASS, or why Redis could not be asked).
+async fn verify_user(core: &Core, user: &AclUser) -> Result<(), bytes::Bytes> {
+    let cfg = &core.shared.cfg.redis;
+    let addr = core.dedicated_target();
+    let timeout = std::time::Duration::from_millis(cfg.connect_timeout_ms);
+    let mut stream = match monoio::time::timeout(timeout, monoio::net::TcpStream::connect_addr(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(resp::error(&format!("ERR resplica: cannot reach Redis at {addr} to check the credentials: {e}"))),
+        Err(_) => return Err(resp::error(&format!("ERR resplica: Redis at {addr} did not answer in time to check the credentials"))),
+    };
+    let auth = vec![b"AUTH".to_vec(), user.name.to_vec(), user.pass.to_vec()];
+    match roundtrip(&mut stream, &[auth], cfg.connect_timeout_ms).await {
+        Ok(replies) => match replies.into_iter().next() {
+            Some(r) if !resp::is_error(&r) => Ok(()),
+            Some(r) => Err(r),
+            None => Err(resp::error("ERR resplica: Redis gave no answer to AUTH")),
+        },
+        Err(e) => Err(resp::error(&format!("ERR resplica: checking the credentials with Redis failed: {e}"))),
+    }
+}
+
 /// Send a request on the pair's writer path (core 0's replication shell).
 fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, frame: bytes::Bytes) {
     let core = &client.core;
@@ -717,7 +779,8 @@ fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, frame: bytes::
 
 async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedicated, String> {
     let target = client.core.dedicated_target();
-    let conn = connect_spare(&client.core, target, proto, db).await?;
+    let user = client.session.borrow().user.clone();
+    let conn = connect_spare(&client.core, target, proto, db, user.as_ref()).await?;
     let peer = target != client.core.shared.cfg.redis.address;
     Ok(adopt_dedicated(client, conn, db, proto, peer))
 }
@@ -725,8 +788,14 @@ async fn open_dedicated(client: &Rc<Client>, db: u32, proto: u8) -> Result<Dedic
 /// Connect and authenticate a connection for some client's exclusive use, and learn Redis's
 /// id for it, so that other clients can name its owner in CLIENT TRACKING REDIRECT / CLIENT
 /// UNBLOCK by the id the proxy gave.
-async fn connect_spare(core: &Core, addr: std::net::SocketAddr, proto: u8, db: u32) -> Result<WarmConn, String> {
-    let mut stream = connect_redis(&core.shared.cfg.redis, addr, proto, db).await?;
+async fn connect_spare(
+    core: &Core,
+    addr: std::net::SocketAddr,
+    proto: u8,
+    db: u32,
+    user: Option<&AclUser>,
+) -> Result<WarmConn, String> {
+    let mut stream = connect_redis_as(&core.shared.cfg.redis, addr, proto, db, user).await?;
     let timeout = core.shared.cfg.redis.connect_timeout_ms;
     let mut cmds = vec![vec![b"CLIENT".to_vec(), b"ID".to_vec()]];
     if core.shared.native.is_some() {
@@ -784,7 +853,7 @@ pub(crate) async fn keep_warm(core: Rc<Core>) {
             core.warm_refill.wait().await;
             continue;
         }
-        match connect_spare(&core, core.shared.cfg.redis.address, 2, 0).await {
+        match connect_spare(&core, core.shared.cfg.redis.address, 2, 0, None).await {
             Ok(conn) => {
                 core.warm.borrow_mut().push(conn);
                 backoff = std::time::Duration::from_millis(50);

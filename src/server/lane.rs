@@ -30,6 +30,7 @@ use super::{Core, CoreMsg, Signal};
 use crate::replication::native::Side;
 use crate::resp::{self, ReplySkimmer};
 use crate::route::NativeRoute;
+use crate::session::AclUser;
 
 /// Frames larger than this are written as their own buffer instead of being copied into the
 /// coalescing buffer.
@@ -121,6 +122,8 @@ pub(crate) struct LaneNative {
 }
 
 struct LaneState {
+    /// No connection was tried yet: requests queue for the first one.
+    first_connect: bool,
     connected: bool,
     stopping: bool,
     /// Why the lane is not connected (for the error clients get).
@@ -154,6 +157,10 @@ pub(crate) struct Lane {
     native: Option<LaneNative>,
     /// Native mode: the run of the Redis the current connection reaches (`run_id_hash`).
     run_id: std::cell::Cell<u64>,
+    /// A Redis ACL user's lane: its connections authenticate as that user.
+    user: Option<AclUser>,
+    /// When a request was last queued (user lanes close when idle).
+    last_used: std::cell::Cell<Instant>,
     st: RefCell<LaneState>,
     wake_writer: Signal,
     wake_conn: Signal,
@@ -161,13 +168,30 @@ pub(crate) struct Lane {
 
 impl Lane {
     pub fn new(core: Weak<Core>, proto: u8, addr: SocketAddr, native: Option<LaneNative>) -> Rc<Lane> {
+        Self::with_user(core, proto, addr, native, None)
+    }
+
+    /// A lane whose connections authenticate as Redis ACL user `user` (`None`: the `[redis]`
+    /// credentials). A user's lane is made on first use: requests queued before its first
+    /// connection wait for it (and fail if it cannot be made).
+    pub fn with_user(
+        core: Weak<Core>,
+        proto: u8,
+        addr: SocketAddr,
+        native: Option<LaneNative>,
+        user: Option<AclUser>,
+    ) -> Rc<Lane> {
+        let first_connect = user.is_some();
         Rc::new(Lane {
             core,
             proto,
             addr,
             native,
             run_id: std::cell::Cell::new(0),
+            user,
+            last_used: std::cell::Cell::new(Instant::now()),
             st: RefCell::new(LaneState {
+                first_connect,
                 connected: false,
                 stopping: false,
                 down_reason: "not connected yet".into(),
@@ -191,7 +215,8 @@ impl Lane {
     /// Redis is unreachable.
     pub fn enqueue(&self, db: u32, frame: Bytes, sink: Sink, write: bool) -> Result<(), Bytes> {
         let mut st = self.st.borrow_mut();
-        if !st.connected {
+        self.last_used.set(Instant::now());
+        if !st.connected && !st.first_connect {
             return Err(resp::error(&format!(
                 "ERR resplica: Redis at {} is unavailable ({})",
                 self.addr, st.down_reason
@@ -229,6 +254,11 @@ impl Lane {
             Some(n) => self.is_connected() && n.route.approved(n.side, self.run_id.get()),
             None => self.is_connected(),
         }
+    }
+
+    /// Nothing was queued for `d` and nothing waits for a reply.
+    pub fn idle_for(&self, d: Duration) -> bool {
+        self.last_used.get().elapsed() >= d && self.st.borrow().sinks.is_empty()
     }
 
     /// Stop reconnecting (graceful shutdown).
@@ -358,6 +388,18 @@ pub(crate) async fn connect_redis(
     proto: u8,
     db: u32,
 ) -> Result<TcpStream, String> {
+    connect_redis_as(cfg, addr, proto, db, None).await
+}
+
+/// [`connect_redis`], authenticating as Redis ACL user `user` when given (its `AUTH` error,
+/// e.g. WRONGPASS, is the error).
+pub(crate) async fn connect_redis_as(
+    cfg: &crate::config::RedisConfig,
+    addr: std::net::SocketAddr,
+    proto: u8,
+    db: u32,
+    user: Option<&AclUser>,
+) -> Result<TcpStream, String> {
     let connect = monoio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), TcpStream::connect_addr(addr));
     let mut stream = match connect.await {
         Ok(Ok(s)) => s,
@@ -366,7 +408,9 @@ pub(crate) async fn connect_redis(
     };
     let _ = stream.set_nodelay(true);
     let mut setup: Vec<Vec<Vec<u8>>> = Vec::new();
-    if !cfg.password.is_empty() {
+    if let Some(u) = user {
+        setup.push(vec![b"AUTH".to_vec(), u.name.to_vec(), u.pass.to_vec()]);
+    } else if !cfg.password.is_empty() {
         if cfg.username.is_empty() {
             setup.push(vec![b"AUTH".to_vec(), cfg.password.as_bytes().to_vec()]);
         } else {
@@ -479,8 +523,9 @@ pub(crate) async fn run(lane: Rc<Lane>) {
             return;
         }
         let upstream = &core.metrics.upstream[lane.upstream() as usize];
-        match connect_redis(&cfg, lane.addr, lane.proto, 0).await {
+        match connect_redis_as(&cfg, lane.addr, lane.proto, 0, lane.user.as_ref()).await {
             Ok(mut stream) => {
+                lane.st.borrow_mut().first_connect = false;
                 upstream.connects.inc();
                 if lane.proto == 2 && lane.addr == cfg.address {
                     learn_server_facts(&core).await;
@@ -541,6 +586,10 @@ pub(crate) async fn run(lane: Rc<Lane>) {
             Err(e) => {
                 upstream.errors.inc();
                 lane.st.borrow_mut().down_reason = e.clone();
+                if std::mem::take(&mut lane.st.borrow_mut().first_connect) {
+                    // What queued for the first connection fails with the reason.
+                    lane.fail_all(&format!("Redis at {} is unavailable ({e})", lane.addr));
+                }
                 if was_up {
                     warn!(core = core.idx, proto = lane.proto, "cannot reach Redis at {}: {e}; retrying", lane.addr);
                     was_up = false;

@@ -117,6 +117,9 @@ pub(crate) struct Core {
     pub lanes: [Rc<lane::Lane>; 2],
     /// Native mode: shared connections to the peer's Redis (RESP2, RESP3).
     pub peer_lanes: Option<[Rc<lane::Lane>; 2]>,
+    /// Shared connections of Redis ACL users' clients, per (user, protocol, Redis): made on
+    /// first use, closed after [`USER_LANE_IDLE`] without a request.
+    pub user_lanes: RefCell<HashMap<(crate::session::AclUser, u8, bool), Rc<lane::Lane>>>,
     /// Native mode with `write_ack = "all"`: the `WAIT 1 <ack_timeout_ms>` frame.
     pub native_wait: Option<Bytes>,
     pub clients: RefCell<HashMap<u64, Weak<client::Client>>>,
@@ -140,9 +143,38 @@ pub(crate) struct Core {
     pub metrics: Arc<crate::metrics::CoreMetrics>,
 }
 
+/// How long a Redis ACL user's shared connection stays open without a request.
+pub const USER_LANE_IDLE: Duration = Duration::from_secs(60);
+
 impl Core {
     pub fn lane(&self, proto: u8) -> &Rc<lane::Lane> {
         &self.lanes[if proto >= 3 { 1 } else { 0 }]
+    }
+
+    /// The shared connection of Redis ACL user `user` in protocol `proto` to the local Redis
+    /// (`peer`: the peer's, native mode), made on first use.
+    pub fn user_lane(self: &Rc<Self>, user: &crate::session::AclUser, proto: u8, peer: bool) -> Rc<lane::Lane> {
+        let proto = if proto >= 3 { 3 } else { 2 };
+        let key = (user.clone(), proto, peer);
+        if let Some(l) = self.user_lanes.borrow().get(&key) {
+            return l.clone();
+        }
+        let (addr, side) = match (peer, self.shared.peer_redis) {
+            (true, Some(p)) => (p, crate::replication::native::Side::Peer),
+            _ => (self.shared.cfg.redis.address, crate::replication::native::Side::Local),
+        };
+        let native = self.shared.native.as_ref().map(|route| lane::LaneNative {
+            route: route.clone(),
+            side,
+            wait: self.native_wait.clone(),
+        });
+        let l = lane::Lane::with_user(Rc::downgrade(self), proto, addr, native, Some(user.clone()));
+        monoio::spawn(lane::run(l.clone()));
+        if self.user_lanes.borrow().is_empty() {
+            monoio::spawn(close_idle_user_lanes(self.clone()));
+        }
+        self.user_lanes.borrow_mut().insert(key, l.clone());
+        l
     }
 
     /// Native mode: the shared connection to the peer's Redis (the local one otherwise).
@@ -429,6 +461,7 @@ async fn core_main(
             lane::Lane::new(weak.clone(), 3, cfg.redis.address, lane_native(Side::Local)),
         ],
         native_wait: if shared.native.is_some() { wait.clone() } else { None },
+        user_lanes: RefCell::new(HashMap::new()),
         peer_lanes: shared.peer_redis.map(|peer| {
             [
                 lane::Lane::new(weak.clone(), 2, peer, lane_native(Side::Peer)),
@@ -505,6 +538,9 @@ async fn core_main(
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     for l in core.lanes.iter().chain(core.peer_lanes.iter().flatten()) {
+        l.stop();
+    }
+    for (_, l) in core.user_lanes.borrow_mut().drain() {
         l.stop();
     }
     Ok(())
@@ -589,6 +625,24 @@ async fn flush_outbox(core: Rc<Core>) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Close the ACL users' shared connections idle for [`USER_LANE_IDLE`]; ends when none is
+/// left (the next one made starts it again).
+async fn close_idle_user_lanes(core: Rc<Core>) {
+    loop {
+        monoio::time::sleep(USER_LANE_IDLE / 4).await;
+        core.user_lanes.borrow_mut().retain(|_, l| {
+            let keep = !l.idle_for(USER_LANE_IDLE);
+            if !keep {
+                l.stop();
+            }
+            keep
+        });
+        if core.user_lanes.borrow().is_empty() {
+            return;
         }
     }
 }
