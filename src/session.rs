@@ -320,6 +320,9 @@ pub struct Session {
     pub user: Option<AclUser>,
     /// Credentials Redis just accepted for a `HELLO … AUTH` offered again.
     verified: Option<AclUser>,
+    /// Bumped whenever `user` changes: the shell then drops a dedicated connection opened
+    /// as the previous identity.
+    pub identity: u64,
     pub peer: String,
     pub local: String,
     reply_mode: ReplyMode,
@@ -427,6 +430,11 @@ const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is dis
 const ACL_USERS_IN_MIRROR: &str =
     "ERR resplica: Redis ACL users are served in single-node and native mode, not in mirror mode (AUTH as the default user)";
 
+/// Whether a `HELLO` carries `AUTH`.
+fn hello_has_auth(req: &Request) -> bool {
+    (2..req.len()).any(|i| req.arg(i).eq_ignore_ascii_case(b"auth"))
+}
+
 /// `HELLO … AUTH user pass` naming a Redis ACL user other than `default`.
 fn hello_acl_user(req: &Request) -> Option<AclUser> {
     let mut i = 2;
@@ -459,6 +467,7 @@ impl Session {
             lib: (Bytes::new(), Bytes::new()),
             user: None,
             verified: None,
+            identity: 0,
             authed: env.password.is_empty(),
             peer,
             local,
@@ -574,6 +583,21 @@ impl Session {
             _ => {}
         }
 
+        // Who the client is changes only between requests: never while its dedicated
+        // connection holds state of the current identity (a transaction, WATCH, tracking),
+        // and only once its earlier requests are answered (they run as the identity they were
+        // sent as; the next ones may go over another connection).
+        let identity_change = name == b"auth" || (name == b"hello" && hello_has_auth(req));
+        if identity_change && !self.raw {
+            if self.in_multi || self.watching || self.tracking {
+                return self.local_reply(resp::error(
+                    "ERR resplica: AUTH inside a transaction, WATCH or client tracking is not supported (EXEC, DISCARD, UNWATCH or CLIENT TRACKING off first)",
+                ));
+            }
+            if !self.inflight.is_empty() {
+                return Action::Wait;
+            }
+        }
         if name == b"config" && sets_requirepass(req) {
             return self.local_reply(resp::error(
                 "ERR resplica: CONFIG SET requirepass would lock resplica out of its own Redis; \
@@ -996,7 +1020,7 @@ impl Session {
         self.proto = 2;
         self.name = None;
         self.authed = env.password.is_empty();
-        self.user = None;
+        self.set_user(None);
         self.verified = None;
         self.reply_mode = ReplyMode::On;
         self.dedicated_lost();
@@ -1155,6 +1179,13 @@ impl Session {
         Some(self.local_reply(reply))
     }
 
+    fn set_user(&mut self, user: Option<AclUser>) {
+        if self.user != user {
+            self.user = user;
+            self.identity += 1;
+        }
+    }
+
     /// Redis accepted `user`'s credentials (an [`Action::Auth`]): for `AUTH`, the client is
     /// that user from now on; for `HELLO`, the request offered again completes it.
     pub fn acl_verified(&mut self, user: AclUser, hello: bool) -> Bytes {
@@ -1162,7 +1193,7 @@ impl Session {
             self.verified = Some(user);
             return Bytes::new();
         }
-        self.user = Some(user);
+        self.set_user(Some(user));
         self.authed = true;
         resp::simple("OK")
     }
@@ -1181,14 +1212,14 @@ impl Session {
             }
             if user == b"default" {
                 self.authed = true;
-                self.user = None;
+                self.set_user(None);
                 return resp::simple("OK");
             }
             return resp::error(WRONGPASS);
         }
         if user == b"default" && pass == env.password.as_bytes() {
             self.authed = true;
-            self.user = None;
+            self.set_user(None);
             resp::simple("OK")
         } else {
             resp::error(WRONGPASS)
@@ -1196,6 +1227,8 @@ impl Session {
     }
 
     fn hello(&mut self, req: &Request, env: &SessionEnv) -> Bytes {
+        // Good for this one offer only, whatever its outcome.
+        let verified = self.verified.take();
         let mut proto = self.proto;
         let mut i = 1;
         if req.len() > 1 {
@@ -1218,7 +1251,7 @@ impl Session {
                 let acl = AclUser { name: req.arg_bytes(i + 1), pass: req.arg_bytes(i + 2) };
                 let ok = if user != b"default" {
                     // Checked by Redis just before this request was offered again.
-                    self.verified.as_ref() == Some(&acl)
+                    verified.as_ref() == Some(&acl)
                 } else if env.password.is_empty() {
                     true
                 } else {
@@ -1252,9 +1285,8 @@ impl Session {
             self.authed = true;
         }
         if let Some(u) = new_user {
-            self.user = u;
+            self.set_user(u);
         }
-        self.verified = None;
         if let Some(n) = new_name {
             self.name = if n.is_empty() { None } else { Some(n) };
         }

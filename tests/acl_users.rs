@@ -21,7 +21,25 @@ fn redis_with_users() -> RedisServer {
             .query(&mut c)
             .unwrap();
     }
+    add_narrow_user(&mut c);
     redis
+}
+
+/// A typical application user: reads and writes on `app:*`, nothing administrative (no
+/// INFO, no CLIENT LIST/KILL).
+fn add_narrow_user(c: &mut redis::Connection) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("narrow")
+        .arg("on")
+        .arg(">narrowpass")
+        .arg("~app:*")
+        .arg("+@read")
+        .arg("+@write")
+        .arg("+@connection")
+        .arg("-@dangerous")
+        .query(c)
+        .unwrap();
 }
 
 fn conn_as(proxy: &Proxy, user: &str, pass: &str) -> redis::Connection {
@@ -85,6 +103,24 @@ fn acl_users_get_their_own_permissions_on_one_core() {
     let e = err_of(redis::cmd("HELLO").arg(3).arg("AUTH").arg("app").arg("nope").query(&mut c));
     assert!(e.contains("WRONGPASS"), "{e}");
 
+    // A client that becomes another user leaves its dedicated connection behind: its next
+    // blocking command runs as the new user.
+    let mut switch = proxy.conn();
+    let _: () = redis::cmd("LPUSH").arg("free:list").arg("x").query(&mut switch).unwrap();
+    let got: Option<(String, String)> = redis::cmd("BLPOP").arg("free:list").arg(1).query(&mut switch).unwrap();
+    assert!(got.is_some());
+    let _: () = redis::cmd("AUTH").arg("app").arg("apppass").query(&mut switch).unwrap();
+    let e = err_of(redis::cmd("BLPOP").arg("free:list").arg(1).query(&mut switch));
+    assert!(e.contains("NOPERM"), "the old dedicated connection (default user) must not be used: {e}");
+
+    // An administrative command the proxy answers itself is allowed only if Redis would.
+    let mut narrow = conn_as(&proxy, "narrow", "narrowpass");
+    let _: () = redis::cmd("SET").arg("app:narrow").arg("1").query(&mut narrow).unwrap();
+    let e = err_of(redis::cmd("CLIENT").arg("LIST").query::<String>(&mut narrow).map(|_| ()));
+    assert!(e.contains("NOPERM"), "{e}");
+    let e = err_of(redis::cmd("CLIENT").arg("KILL").arg("USER").arg("app").query::<i64>(&mut narrow).map(|_| ()));
+    assert!(e.contains("NOPERM"), "{e}");
+
     // Redis holds every write made through the proxy, under the right keys.
     let mut direct = redis.conn();
     let v: String = redis::cmd("GET").arg("other:49").query(&mut direct).unwrap();
@@ -121,19 +157,12 @@ fn acl_users_through_a_native_pair() {
     let pair = Pair::start_unsynced(native("all"));
     wait_formed(&pair, "a", FORM_TIMEOUT);
     for r in [&pair.a.redis, &pair.b.redis] {
-        let mut c = r.conn();
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("app")
-            .arg("on")
-            .arg(">apppass")
-            .arg("~app:*")
-            .arg("+@all")
-            .query(&mut c)
-            .unwrap();
+        add_narrow_user(&mut r.conn());
     }
+    // (The narrow user may not run INFO: the sidecars learn which Redis run its connections
+    // reach with their own identity.)
     for node in [&pair.a, &pair.b] {
-        let client = redis::Client::open(format!("redis://app:apppass@127.0.0.1:{}/", node.port)).unwrap();
+        let client = redis::Client::open(format!("redis://narrow:narrowpass@127.0.0.1:{}/", node.port)).unwrap();
         let mut c = client.get_connection_with_timeout(Duration::from_secs(5)).unwrap();
         let _: () = redis::cmd("SET").arg(format!("app:{}", node.port)).arg("v").query(&mut c).unwrap();
         let e = err_of(redis::cmd("SET").arg("elsewhere").arg("v").query(&mut c));

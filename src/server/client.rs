@@ -380,6 +380,8 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
     // waits for one now (re-offered on a timer, not on a completion).
     let mut hold_since: Option<std::time::Instant> = None;
     let mut holding = false;
+    // Which Redis identity the dedicated connection (if any) was opened as.
+    let mut identity = client.session.borrow().identity;
     let hold_limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     'conn: loop {
         // Act on everything already buffered.
@@ -433,6 +435,13 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
             if !matches!(action, Action::Hold) {
                 hold_since = None;
             }
+            // The client became another Redis user: a dedicated connection opened as the
+            // previous one must not carry its requests.
+            let now_identity = client.session.borrow().identity;
+            if now_identity != identity {
+                identity = now_identity;
+                retire_dedicated(&client, &mut dedicated).await;
+            }
             match action {
                 Action::Wait => {
                     held = Some(req);
@@ -471,11 +480,12 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                         Ok(()) => {
                             let reply = client.session.borrow_mut().acl_verified(user, hello);
                             if hello {
-                                // Offered again, now verified, to complete.
+                                // Offered again at once, now verified, to complete.
                                 held = Some(req);
-                                holding = true;
-                                break;
+                                continue;
                             }
+                            identity = client.session.borrow().identity;
+                            retire_dedicated(&client, &mut dedicated).await;
                             client.push_local(reply);
                         }
                         Err(e) => client.push_local(e),
@@ -487,6 +497,19 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                     client.push_local(resp::bulk(text.as_bytes()));
                 }
                 Action::Clients(q) => {
+                    // The proxy answers these from its own registry; an ACL user may run them
+                    // only if Redis lets that user run them (asked with a harmless form).
+                    let user = client.session.borrow().user.clone();
+                    if let Some(user) = user {
+                        let probe: &[&[u8]] = match &q {
+                            ClientQuery::List { .. } => &[b"CLIENT", b"LIST", b"ID", b"0"],
+                            ClientQuery::Kill(_) => &[b"CLIENT", b"KILL", b"ID", b"0"],
+                        };
+                        if let Some(refused) = refused_for(&client.core, &user, probe).await {
+                            client.push_local(refused);
+                            continue;
+                        }
+                    }
                     if clients_query(&client, q) {
                         break 'conn;
                     }
@@ -740,6 +763,32 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
     }
 }
 
+/// Close the client's dedicated connection, if any (its identity is not the client's any
+/// more); the next command that needs one opens it as the client's current user.
+async fn retire_dedicated(client: &Client, dedicated: &mut Option<Dedicated>) {
+    if let Some(mut d) = dedicated.take() {
+        d.link.retired.set(true);
+        client.core.shared.upstream_ids.set(client.id, None);
+        let _ = d.wr.shutdown().await;
+    }
+}
+
+/// Redis's refusal (`NOPERM`, or why Redis could not be asked) of `cmd` run as `user`, or
+/// `None` when Redis lets that user run it.
+async fn refused_for(core: &Core, user: &AclUser, cmd: &[&[u8]]) -> Option<bytes::Bytes> {
+    let cfg = &core.shared.cfg.redis;
+    let addr = core.dedicated_target();
+    let mut conn = match connect_redis_as(cfg, addr, 2, 0, Some(user)).await {
+        Ok(c) => c,
+        Err(e) => return Some(resp::error(&format!("ERR resplica: cannot check the user's permissions: {e}"))),
+    };
+    let args: Vec<Vec<u8>> = cmd.iter().map(|a| a.to_vec()).collect();
+    match roundtrip(&mut conn, &[args], cfg.connect_timeout_ms).await {
+        Ok(r) => r.into_iter().next().filter(|r| r.starts_with(b"-NOPERM")),
+        Err(e) => Some(resp::error(&format!("ERR resplica: cannot check the user's permissions: {e}"))),
+    }
+}
+
 /// Ask Redis whether `user`'s credentials are good (`AUTH user pass` on a connection of its
 /// own, to the Redis that serves writes): `Err` is the reply for the client (Redis's own
 /// error, e.g. WRONGPASS, or why Redis could not be asked).
@@ -804,11 +853,12 @@ async fn connect_spare(
     }
     let replies = roundtrip(&mut stream, &cmds, timeout).await?;
     let upstream_id = replies.first().and_then(|r| resp::integer_reply(r)).filter(|&i| i > 0).map(|i| i as u64);
-    let run = replies
-        .get(1)
-        .map(|r| String::from_utf8_lossy(r).into_owned())
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("run_id:")).map(|r| crate::route::run_id_hash(r.trim())))
-        .unwrap_or(0);
+    let run = match replies.get(1) {
+        // An ACL user without INFO permission: asked with the proxy's own identity.
+        Some(r) if resp::is_error(r) => super::lane::run_via_own_identity(&core.shared.cfg.redis, addr).await,
+        Some(r) => super::lane::run_from_info(r),
+        None => 0,
+    };
     Ok(WarmConn { stream, upstream_id, run })
 }
 

@@ -375,6 +375,35 @@ impl LaneState {
     }
 }
 
+/// Native mode: which run of the Redis at `addr` `stream` reaches (`route::run_id_hash` of its
+/// `run_id`; 0 when unknown). An ACL user without `INFO` permission asks over a connection
+/// of the proxy's own identity to the same address (a Redis restart in between would have
+/// closed `stream` too).
+pub(crate) async fn run_of(cfg: &crate::config::RedisConfig, addr: SocketAddr, stream: &mut TcpStream) -> u64 {
+    let info_cmd = [vec![b"INFO".to_vec(), b"server".to_vec()]];
+    match roundtrip(stream, &info_cmd, cfg.connect_timeout_ms).await.ok().and_then(|r| r.into_iter().next()) {
+        Some(r) if resp::is_error(&r) => run_via_own_identity(cfg, addr).await,
+        Some(r) => run_from_info(&r),
+        None => 0,
+    }
+}
+
+/// [`run_of`] over a connection of the proxy's own identity.
+pub(crate) async fn run_via_own_identity(cfg: &crate::config::RedisConfig, addr: SocketAddr) -> u64 {
+    let info_cmd = [vec![b"INFO".to_vec(), b"server".to_vec()]];
+    let Ok(mut own) = connect_redis(cfg, addr, 2, 0).await else { return 0 };
+    match roundtrip(&mut own, &info_cmd, cfg.connect_timeout_ms).await.ok().and_then(|r| r.into_iter().next()) {
+        Some(r) => run_from_info(&r),
+        None => 0,
+    }
+}
+
+/// `route::run_id_hash` of the `run_id` in an `INFO server` reply (0: none).
+pub(crate) fn run_from_info(reply: &[u8]) -> u64 {
+    let info = String::from_utf8_lossy(reply);
+    crate::route::run_id_hash(info.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim())
+}
+
 /// Connect, authenticate and prepare a connection to the local Redis in protocol `proto`.
 pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<TcpStream, String> {
     connect_redis(&core.shared.cfg.redis, core.shared.cfg.redis.address, proto, db).await
@@ -527,22 +556,14 @@ pub(crate) async fn run(lane: Rc<Lane>) {
             Ok(mut stream) => {
                 lane.st.borrow_mut().first_connect = false;
                 upstream.connects.inc();
-                if lane.proto == 2 && lane.addr == cfg.address {
+                if lane.proto == 2 && lane.addr == cfg.address && lane.user.is_none() {
                     learn_server_facts(&core).await;
                 }
                 if lane.native.is_some() {
                     // Which run of that Redis this connection reaches: writes go only to the
                     // run the control plane compared (a Redis restarted empty must not take
                     // writes before that).
-                    let info =
-                        roundtrip(&mut stream, &[vec![b"INFO".to_vec(), b"server".to_vec()]], cfg.connect_timeout_ms)
-                            .await
-                            .ok()
-                            .and_then(|r| r.into_iter().next())
-                            .map(|r| String::from_utf8_lossy(&r).into_owned())
-                            .unwrap_or_default();
-                    let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim();
-                    lane.run_id.set(crate::route::run_id_hash(run_id));
+                    lane.run_id.set(run_of(&cfg, lane.addr, &mut stream).await);
                 }
                 if !was_up {
                     info!(core = core.idx, proto = lane.proto, "connected to Redis at {}", lane.addr);
@@ -552,7 +573,11 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                 {
                     let mut st = lane.st.borrow_mut();
                     st.connected = true;
-                    st.db = 0;
+                    // (Requests queued for a user lane's first connection already account for
+                    // the database they select: it starts in 0 as they assumed.)
+                    if st.sinks.is_empty() {
+                        st.db = 0;
+                    }
                     st.broken = None;
                 }
                 let (rd, wr) = stream.into_split();
@@ -574,8 +599,11 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     st.out.clear();
                     st.current.clear();
                 }
-                warn!(core = core.idx, proto = lane.proto, "connection to Redis at {} lost: {reason}", lane.addr);
-                if lane.addr == cfg.address {
+                let closing = lane.st.borrow().stopping;
+                if !closing {
+                    warn!(core = core.idx, proto = lane.proto, "connection to Redis at {} lost: {reason}", lane.addr);
+                }
+                if lane.addr == cfg.address && !closing && lane.user.is_none() {
                     // Spare connections are likely dead too (Redis restarted): make new ones.
                     core.warm.borrow_mut().clear();
                     core.warm_refill.notify();
@@ -587,7 +615,14 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                 upstream.errors.inc();
                 lane.st.borrow_mut().down_reason = e.clone();
                 if std::mem::take(&mut lane.st.borrow_mut().first_connect) {
-                    // What queued for the first connection fails with the reason.
+                    // What queued for the first connection fails with the reason, and is
+                    // never sent (the clients were told it failed).
+                    {
+                        let mut st = lane.st.borrow_mut();
+                        st.out.clear();
+                        st.current.clear();
+                        st.db = 0;
+                    }
                     lane.fail_all(&format!("Redis at {} is unavailable ({e})", lane.addr));
                 }
                 if was_up {
