@@ -237,7 +237,13 @@ pub struct ClientConfig {
     pub pubsub_output_buffer_limit: ByteSize,
     pub proto_max_bulk_len: ByteSize,
     pub refuse_commands: Vec<String>,
+    /// With a `password`: a connection that has not authenticated within this long is told
+    /// so and closed (0: never).
+    pub auth_timeout_ms: u64,
 }
+
+/// Default `[client] auth_timeout_ms`.
+pub const DEFAULT_AUTH_TIMEOUT_MS: u64 = 10_000;
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -248,6 +254,7 @@ impl Default for ClientConfig {
             pubsub_output_buffer_limit: ByteSize(32 << 20),
             proto_max_bulk_len: ByteSize(512 << 20),
             refuse_commands: DEFAULT_REFUSED.iter().map(|s| s.to_string()).collect(),
+            auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
         }
     }
 }

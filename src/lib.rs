@@ -12,11 +12,14 @@
 //!   published by the control plane for every core. No I/O.
 //! - [`config`]: the TOML configuration with defaults and validation.
 //! - [`metrics`]: per-core counters and the Prometheus text the admin port serves. No I/O.
+//! - [`peer_auth`]: the peer-link handshake (mutual HMAC challenge-response; the secret never
+//!   travels). No I/O.
 //! - [`server`]: the thin monoio shell that runs all of the above on sockets.
 
 pub mod command;
 pub mod config;
 pub mod metrics;
+pub mod peer_auth;
 pub mod replication;
 pub mod resp;
 pub mod route;

@@ -101,3 +101,31 @@ fn dead_primary_sidecar_is_not_a_failover_and_rolling_restart_keeps_writes() {
     let n: usize = pair.a.redis.conn().keys::<_, Vec<String>>("r*").unwrap().len();
     assert_eq!(n, 2000);
 }
+
+/// The peer link authenticates by a challenge-response on the shared secret: two sidecars
+/// with different secrets never link up, and the secret itself, sent in clear the old way
+/// (`RS.NAUTH <secret> <node>`), opens nothing.
+#[test]
+fn peer_link_needs_the_secret_and_never_takes_it_in_clear() {
+    use common::pair::PairOpts;
+    use common::{text, RawConn};
+    let pair =
+        Pair::start_unsynced(PairOpts { b_secret: Some("not-the-secret".into()), ..native("all") });
+    let linked = |port: u16, peer: &str| {
+        status_of(port).is_some_and(|st| st.raw.lines().any(|l| l.starts_with(&format!("peer:{peer} link=up"))))
+    };
+    // Both serve their own clients; neither ever sees the other's link up.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        assert!(!linked(pair.a.port, "b") && !linked(pair.b.port, "a"), "linked with different secrets");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut raw = RawConn::connect(pair.a.peer_port);
+    let r = raw.call(&["RS.NAUTH", "pair-test-secret", "b"]);
+    assert!(text(&r).starts_with("-NOAUTH"), "{}", text(&r));
+    let mut raw = RawConn::connect(pair.a.peer_port);
+    let r = raw.call(&["RS.HELLO", "b", "00112233445566778899aabbccddeeff"]);
+    assert!(text(&r).starts_with("*2\r\n"), "a challenge: {}", text(&r));
+    let r = raw.call(&["RS.PROVE", "00"]);
+    assert!(text(&r).starts_with("-NOAUTH"), "a forged proof: {}", text(&r));
+}

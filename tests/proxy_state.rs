@@ -408,3 +408,24 @@ fn first_blocking_pop_in_another_database_and_after_a_redis_restart() {
         }
     }
 }
+
+/// With a `[client] password`, a connection that never authenticates is told so and closed
+/// after `auth_timeout_ms`; an authenticated one stays, however idle.
+#[test]
+fn unauthenticated_connections_time_out() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::with_config(&format!(
+        "[redis]\naddress = \"{}\"\n[client]\npassword = \"pw\"\nauth_timeout_ms = 300\n",
+        redis.addr()
+    ));
+    let mut idle = proxy.raw();
+    let mut authed = proxy.raw();
+    assert_eq!(text(&authed.call(&["AUTH", "pw"])), "+OK\r\n");
+    let started = Instant::now();
+    let r = idle.read_reply(Duration::from_secs(5)).expect("the timeout's error");
+    assert!(text(&r).contains("authentication timed out"), "{:?}", text(&r));
+    idle.expect_eof(Duration::from_secs(5)).expect("closed after the timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Opened before the closed one, so past the timeout too: it still serves.
+    assert_eq!(text(&authed.call(&["PING"])), "+PONG\r\n");
+}

@@ -380,6 +380,7 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
     // waits for one now (re-offered on a timer, not on a completion).
     let mut hold_since: Option<std::time::Instant> = None;
     let mut holding = false;
+    let connected_at = Instant::now();
     // Which Redis identity the dedicated connection (if any) was opened as.
     let mut identity = client.session.borrow().identity;
     let hold_limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
@@ -531,11 +532,28 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
             }
             continue;
         }
-        // Need more bytes.
+        // Need more bytes. A client that must AUTH and has not gets `[client] auth_timeout_ms`
+        // from its connection to do so.
         let hint = parser.bytes_hint(buf.len());
-        let read = monoio::select! {
-            r = read_more(&mut rd, buf, hint) => Some(r),
-            _ = client.close_signal.wait() => None,
+        let auth_left = {
+            let limit = client.core.shared.cfg.client.auth_timeout_ms;
+            let must = !client.session.borrow().authed && !client.core.env.borrow().password.is_empty();
+            (must && limit > 0)
+                .then(|| std::time::Duration::from_millis(limit).saturating_sub(connected_at.elapsed()))
+        };
+        let read = match auth_left {
+            Some(left) => monoio::select! {
+                r = read_more(&mut rd, buf, hint) => Some(r),
+                _ = client.close_signal.wait() => None,
+                _ = monoio::time::sleep(left) => {
+                    client.push_local(resp::error("ERR resplica: authentication timed out ([client] auth_timeout_ms)"));
+                    None
+                },
+            },
+            None => monoio::select! {
+                r = read_more(&mut rd, buf, hint) => Some(r),
+                _ = client.close_signal.wait() => None,
+            },
         };
         let Some((res, b)) = read else { break };
         buf = b;

@@ -9,6 +9,7 @@
 
 mod admin;
 mod client;
+mod handshake;
 mod io;
 mod lane;
 mod native;

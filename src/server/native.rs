@@ -3,7 +3,7 @@
 //! (`REPLICAOF`, partition merges) and publishes the route for every core
 //! (`route::NativeRoute`) and the status text. It decides nothing itself.
 //!
-//! Peer link (`peer_listen`, RESP): `RS.NAUTH <secret> <node>` first, then
+//! Peer link (`peer_listen`, RESP): the `peer_auth` handshake (`RS.HELLO`, `RS.PROVE`: the secret never travels) first, then
 //! - `RS.NHB <report>`: heartbeat; the reply is the receiver's report;
 //! - `RS.NMERGE`: the loser of a partition is about to copy its writes here: hold writes,
 //!   let the WAITs in flight answer, and name the keys recorded on this side and those its
@@ -67,12 +67,6 @@ impl Shell {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn secret_ok(&self, given: &[u8]) -> bool {
-        let want = self.secret.as_bytes();
-        !want.is_empty()
-            && given.len() == want.len()
-            && want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    }
 }
 
 impl Shell {
@@ -287,14 +281,9 @@ async fn connect_peer(shell: &Shell, timeout: u64) -> Result<TcpStream, String> 
         Err(_) => return Err("connect timed out".into()),
     };
     let _ = s.set_nodelay(true);
-    let id = shell.core.shared.cfg.node.id.clone();
-    let auth = vec![vec![b"RS.NAUTH".to_vec(), shell.secret.as_bytes().to_vec(), id.into_bytes()]];
-    let r = roundtrip(&mut s, &auth, timeout).await?;
-    match r.first() {
-        Some(r) if !resp::is_error(r) => Ok(s),
-        Some(r) => Err(format!("the peer refused us: {}", String::from_utf8_lossy(r).trim())),
-        None => Err("no answer to RS.NAUTH".into()),
-    }
+    super::handshake::authenticate_to_peer(&mut s, &shell.core.shared.cfg.node.id, &shell.peer_id, &shell.secret, timeout)
+        .await?;
+    Ok(s)
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, String> {
@@ -371,6 +360,7 @@ async fn serve_peer_conn(shell: Rc<Shell>, mut stream: TcpStream) {
     parser.set_unauthenticated(true);
     let mut buf = BytesMut::with_capacity(4096);
     let mut authed = false;
+    let mut handshake = crate::peer_auth::Acceptor::new(&shell.core.shared.cfg.node.id);
     loop {
         let (res, b) = read_more(&mut stream, buf, 0).await;
         buf = b;
@@ -388,16 +378,20 @@ async fn serve_peer_conn(shell: Rc<Shell>, mut stream: TcpStream) {
             };
             let name = req.arg(0).to_ascii_uppercase();
             let reply = if !authed {
-                if name == b"RS.NAUTH" && req.len() == 3 && shell.secret_ok(req.arg(1)) {
-                    authed = true;
-                    parser.set_unauthenticated(false);
-                    resp::simple("OK")
-                } else {
-                    warn!("refused a peer connection: wrong secret or not RS.NAUTH first");
-                    let _ = stream
-                        .write_all(resp::error("NOAUTH resplica peer link: RS.NAUTH <secret> <node> first"))
-                        .await;
-                    return;
+                match handshake.accept(shell.secret.as_bytes(), &req) {
+                    Ok(step) => {
+                        if let crate::peer_auth::Accepted::Authenticated(node) = &step {
+                            authed = true;
+                            parser.set_unauthenticated(false);
+                            tracing::debug!(node = %node, "peer authenticated");
+                        }
+                        step.reply()
+                    }
+                    Err(e) => {
+                        warn!("refused a peer connection: {e}");
+                        let _ = stream.write_all(resp::error(&format!("NOAUTH resplica peer link: {e}"))).await;
+                        return;
+                    }
                 }
             } else {
                 match name.as_slice() {

@@ -3,7 +3,7 @@
 //! the writer may answer forwarded writes in any order (a blocked pop must not hold up the
 //! writes behind it).
 //!
-//! Requests (after `RS.AUTH <secret> <node id>`):
+//! Requests (after the `peer_auth` handshake, `RS.HELLO` then `RS.PROVE`):
 //! - `RS.HB tag <report>`: heartbeat; the reply is the receiver's own report.
 //! - `RS.FWD tag db proto client frame`: run a client's request at the writer.
 //! - `RS.HANDOVER tag`: the caller (higher priority, in sync) asks for the writer role.
@@ -137,6 +137,7 @@ async fn serve_conn(repl: Rc<Repl>, stream: TcpStream, addr: String) {
     parser.set_unauthenticated(true);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut authed = false;
+    let mut handshake = crate::peer_auth::Acceptor::new(repl.node_id());
     'conn: loop {
         loop {
             let req = match parser.parse(&mut buf) {
@@ -148,19 +149,27 @@ async fn serve_conn(repl: Rc<Repl>, stream: TcpStream, addr: String) {
                 }
             };
             if !authed {
-                if req.len() == 3 && req.arg(0).eq_ignore_ascii_case(b"rs.auth") && repl.secret_ok(req.arg(1)) {
-                    authed = true;
-                    parser.set_unauthenticated(false);
-                    *conn.node.borrow_mut() = String::from_utf8_lossy(req.arg(2)).into_owned();
-                    conn.out.borrow_mut().extend_from_slice(b"+OK\r\n");
-                    conn.wake.notify();
-                    debug!(peer = %addr, node = %conn.node.borrow(), "peer authenticated");
-                    continue;
+                match handshake.accept(repl.secret().as_bytes(), &req) {
+                    Ok(step) => {
+                        if let crate::peer_auth::Accepted::Authenticated(node) = &step {
+                            authed = true;
+                            parser.set_unauthenticated(false);
+                            *conn.node.borrow_mut() = node.clone();
+                            debug!(peer = %addr, node = %node, "peer authenticated");
+                        }
+                        conn.out.borrow_mut().extend_from_slice(&step.reply());
+                        conn.wake.notify();
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(peer = %addr, "peer link refused: {e}");
+                        conn.out
+                            .borrow_mut()
+                            .extend_from_slice(&resp::error(&format!("ERR resplica: peer authentication failed: {e}")));
+                        conn.wake.notify();
+                        break 'conn;
+                    }
                 }
-                warn!(peer = %addr, "peer link refused: wrong or missing secret");
-                conn.out.borrow_mut().extend_from_slice(b"-ERR resplica: peer authentication failed\r\n");
-                conn.wake.notify();
-                break 'conn;
             }
             handle(&repl, &conn, req);
         }
@@ -364,14 +373,14 @@ async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<TcpStream, String>
         Err(_) => return Err("connect timed out".into()),
     };
     let _ = stream.set_nodelay(true);
-    let auth = vec![b"RS.AUTH".to_vec(), repl.secret().as_bytes().to_vec(), repl.node_id().as_bytes().to_vec()];
-    let replies = super::lane::roundtrip(&mut stream, &[auth], timeout.as_millis() as u64).await?;
-    if replies.first().is_none_or(|r| resp::is_error(r)) {
-        return Err(format!(
-            "peer refused authentication ({})",
-            replies.first().map(|r| String::from_utf8_lossy(r).trim().to_string()).unwrap_or_default()
-        ));
-    }
+    super::handshake::authenticate_to_peer(
+        &mut stream,
+        repl.node_id(),
+        &link.node,
+        repl.secret(),
+        timeout.as_millis() as u64,
+    )
+    .await?;
     Ok(stream)
 }
 

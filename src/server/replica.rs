@@ -135,15 +135,6 @@ impl Repl {
         &self.core.shared.cfg.node.id
     }
 
-    /// Constant-time comparison of a peer's secret.
-    pub fn secret_ok(&self, given: &[u8]) -> bool {
-        let want = self.secret().as_bytes();
-        if want.is_empty() || given.len() != want.len() {
-            return false;
-        }
-        want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    }
-
     // ---- the writer path -------------------------------------------------------------
 
     /// A request from one of this node's clients.
