@@ -77,6 +77,12 @@ pub struct NodeConfig {
     /// Log filter (`tracing` EnvFilter syntax: `info`, `debug`, `resplica=debug,warn`);
     /// `RUST_LOG`, when set, wins. Changes on SIGHUP.
     pub log_level: String,
+    /// When set, the admin port serves status, metrics and `RESPLICA TAKEOVER` only to a
+    /// request with this bearer token (HTTP `Authorization: Bearer`, RESP `AUTH <token>`);
+    /// `/livez` and `/readyz` stay open for probes. "" = no token.
+    pub admin_token: String,
+    /// Or read the token from a file (a mounted Secret). "" = none.
+    pub admin_token_file: String,
 }
 
 /// `[node] drain_ms` by default: stop at once (set it for Kubernetes; conf/resplica.toml does).
@@ -95,6 +101,8 @@ impl Default for NodeConfig {
             sequencing: Sequencing::Auto,
             drain_ms: DEFAULT_DRAIN_MS,
             log_level: "info".into(),
+            admin_token: String::new(),
+            admin_token_file: String::new(),
         }
     }
 }
@@ -297,28 +305,35 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// The trimmed content of a file holding a secret (`None`: no file named).
+fn read_secret_file(field: &'static str, path: &str) -> Result<Option<String>, ConfigError> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        field,
+        path: path.to_string(),
+        reason: e.to_string(),
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(ConfigError::File { field, path: path.to_string(), reason: "the file is empty".into() });
+    }
+    Ok(Some(secret.to_string()))
+}
+
 impl Config {
-    /// Read the files the configuration names (`replication.secret_file` into `secret`).
+    /// Read the files the configuration names (`replication.secret_file` into `secret`,
+    /// `node.admin_token_file` into `admin_token`).
     pub fn read_files(&mut self) -> Result<(), ConfigError> {
-        let path = &self.replication.secret_file;
-        if path.is_empty() {
-            return Ok(());
+        if let Some(s) = read_secret_file("replication.secret_file", &self.replication.secret_file)? {
+            self.replication.secret = s;
+            self.replication.secret_file.clear();
         }
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            field: "replication.secret_file",
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let secret = text.trim();
-        if secret.is_empty() {
-            return Err(ConfigError::File {
-                field: "replication.secret_file",
-                path: path.clone(),
-                reason: "the file is empty".into(),
-            });
+        if let Some(s) = read_secret_file("node.admin_token_file", &self.node.admin_token_file)? {
+            self.node.admin_token = s;
+            self.node.admin_token_file.clear();
         }
-        self.replication.secret = secret.to_string();
-        self.replication.secret_file.clear();
         Ok(())
     }
 
@@ -373,6 +388,9 @@ impl Config {
             if p.redis.is_empty() {
                 return bad("peers.redis", format!("peer `{}` needs the address of its Redis", p.id));
             }
+        }
+        if !self.node.admin_token.is_empty() && !self.node.admin_token_file.is_empty() {
+            return bad("node.admin_token_file", "give `admin_token` or `admin_token_file`, not both".into());
         }
         if !self.replication.secret.is_empty() && !self.replication.secret_file.is_empty() {
             return bad("replication.secret_file", "give `secret` or `secret_file`, not both".into());

@@ -59,6 +59,9 @@ enum Command {
         /// The node's admin_listen address.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
         admin: String,
+        /// A file holding the admin token ([node] admin_token); default: $RESPLICA_ADMIN_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<String>,
     },
     /// Native mode: stop waiting for a Redis that cannot be reached and serve from the one
     /// that can (writes only the unreachable copy held are lost unless it returns). For when
@@ -67,14 +70,24 @@ enum Command {
         /// The node's admin_listen address.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
         admin: String,
+        /// A file holding the admin token ([node] admin_token); default: $RESPLICA_ADMIN_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<String>,
     },
 }
 
-/// `resplica status|takeover --admin ADDR`: `RESPLICA <subcommand>` over the admin port; the
-/// answer is printed as text (an error answer is the command's error).
-fn admin_command(admin: &str, subcommand: &str) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+/// `resplica status|takeover --admin ADDR`: `RESPLICA <subcommand>` over the admin port
+/// (after `AUTH <token>` when a token is given: `--token-file`, or `RESPLICA_ADMIN_TOKEN`);
+/// the answer is printed as text (an error answer is the command's error).
+fn admin_command(admin: &str, subcommand: &str, token_file: Option<&str>) -> anyhow::Result<()> {
+    use std::io::Write;
     use std::net::ToSocketAddrs;
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f).with_context(|| format!("cannot read the token file {f}"))?.trim().to_string(),
+        ),
+        None => std::env::var("RESPLICA_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
     let addr = admin
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {admin}"))?
@@ -84,32 +97,46 @@ fn admin_command(admin: &str, subcommand: &str) -> anyhow::Result<()> {
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot reach {admin}"))?;
     s.set_read_timeout(Some(timeout))?;
-    s.write_all(format!("*2\r\n$8\r\nRESPLICA\r\n${}\r\n{subcommand}\r\n", subcommand.len()).as_bytes())?;
     let mut buf = Vec::new();
+    if let Some(t) = token {
+        s.write_all(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{t}\r\n", t.len()).as_bytes())?;
+        read_admin_reply(&mut s, &mut buf, admin)?;
+    }
+    s.write_all(format!("*2\r\n$8\r\nRESPLICA\r\n${}\r\n{subcommand}\r\n", subcommand.len()).as_bytes())?;
+    print!("{}", read_admin_reply(&mut s, &mut buf, admin)?);
+    Ok(())
+}
+
+/// One simple-string or bulk reply from the admin port (its text); an error reply is an
+/// error.
+fn read_admin_reply(s: &mut std::net::TcpStream, buf: &mut Vec<u8>, admin: &str) -> anyhow::Result<String> {
+    use std::io::Read;
     let mut chunk = [0u8; 8192];
     loop {
+        if let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[1..eol]).into_owned();
+            match buf.first() {
+                Some(b'+') => {
+                    buf.drain(..eol + 2);
+                    return Ok(format!("{line}\n"));
+                }
+                Some(b'-') => anyhow::bail!("{line}"),
+                Some(b'$') => {
+                    let len: usize = line.parse()?;
+                    if buf.len() >= eol + 2 + len + 2 {
+                        let text = String::from_utf8_lossy(&buf[eol + 2..eol + 2 + len]).into_owned();
+                        buf.drain(..eol + 2 + len + 2);
+                        return Ok(text);
+                    }
+                }
+                _ => anyhow::bail!("unexpected answer: {}", String::from_utf8_lossy(&buf[..eol])),
+            }
+        }
         let n = s.read(&mut chunk).with_context(|| format!("no answer from {admin}"))?;
         if n == 0 {
             anyhow::bail!("{admin} closed the connection");
         }
         buf.extend_from_slice(&chunk[..n]);
-        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
-        let line = String::from_utf8_lossy(&buf[1..eol]).into_owned();
-        match buf[0] {
-            b'+' => {
-                println!("{line}");
-                return Ok(());
-            }
-            b'-' => anyhow::bail!("{line}"),
-            b'$' => {
-                let len: usize = line.parse()?;
-                if buf.len() >= eol + 2 + len {
-                    print!("{}", String::from_utf8_lossy(&buf[eol + 2..eol + 2 + len]));
-                    return Ok(());
-                }
-            }
-            _ => anyhow::bail!("unexpected answer: {}", String::from_utf8_lossy(&buf[..eol])),
-        }
     }
 }
 
@@ -175,8 +202,10 @@ type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
 fn run(cli: Cli, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
     match &cli.command {
-        Some(Command::Status { admin }) => return admin_command(admin, "STATUS"),
-        Some(Command::Takeover { admin }) => return admin_command(admin, "TAKEOVER"),
+        Some(Command::Status { admin, token_file }) => return admin_command(admin, "STATUS", token_file.as_deref()),
+        Some(Command::Takeover { admin, token_file }) => {
+            return admin_command(admin, "TAKEOVER", token_file.as_deref())
+        }
         None => {}
     }
     let cfg = load(&cli)?;

@@ -178,3 +178,59 @@ fn a_native_pair_counts_the_resyncs_its_primary_served() {
         get(admin, "/metrics").map(|r| r.1)
     );
 }
+
+/// `GET path` with `Authorization: Bearer <token>`: the status code.
+fn get_with(port: u16, path: &str, token: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nauthorization: Bearer {token}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+/// With `[node] admin_token_file`: probes stay open; status, metrics and RESP commands need the
+/// token (HTTP bearer, RESP AUTH, the CLI's --token-file or RESPLICA_ADMIN_TOKEN).
+#[test]
+fn an_admin_token_guards_status_metrics_and_commands() {
+    use common::{text, RawConn};
+    let redis = RedisServer::start();
+    let admin = free_port();
+    let token_file = std::env::temp_dir().join(format!("resplica-admin-token-{admin}"));
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let _proxy = Proxy::with_config(&format!(
+        "[node]\nadmin_listen = \"127.0.0.1:{admin}\"\nadmin_token_file = \"{}\"\n\n[redis]\naddress = \"{}\"\n",
+        token_file.display(),
+        redis.addr()
+    ));
+    assert_eq!(get(admin, "/livez").map(|r| r.0), Some(200));
+    assert!(wait_until(Duration::from_secs(5), || get(admin, "/readyz").is_some_and(|r| r.0 == 200)));
+    assert_eq!(get(admin, "/metrics").map(|r| r.0), Some(401));
+    assert_eq!(get(admin, "/status").map(|r| r.0), Some(401));
+    assert_eq!(get_with(admin, "/metrics", "wrong"), Some(401));
+    assert_eq!(get_with(admin, "/metrics", "s3cret-token"), Some(200));
+    assert_eq!(get_with(admin, "/status", "s3cret-token"), Some(200));
+
+    let mut raw = RawConn::connect(admin);
+    assert_eq!(text(&raw.call(&["PING"])), "+PONG\r\n");
+    assert!(text(&raw.call(&["RESPLICA", "STATUS"])).starts_with("-NOAUTH"));
+    assert!(text(&raw.call(&["AUTH", "nope"])).starts_with("-WRONGPASS"));
+    assert_eq!(text(&raw.call(&["AUTH", "s3cret-token"])), "+OK\r\n");
+    assert!(text(&raw.call(&["RESPLICA", "STATUS"])).starts_with('$'));
+
+    let cli = |args: &[&str], env_token: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_resplica"));
+        c.arg("status").arg("--admin").arg(format!("127.0.0.1:{admin}")).args(args).env_remove("RESPLICA_ADMIN_TOKEN");
+        if let Some(t) = env_token {
+            c.env("RESPLICA_ADMIN_TOKEN", t);
+        }
+        c.output().unwrap()
+    };
+    let out = cli(&[], None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("NOAUTH"), "{out:?}");
+    let out = cli(&["--token-file", &token_file.display().to_string()], None);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("mode:single"), "{out:?}");
+    let out = cli(&[], Some("s3cret-token"));
+    assert!(out.status.success(), "{out:?}");
+    let _ = std::fs::remove_file(&token_file);
+}

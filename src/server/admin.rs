@@ -9,6 +9,9 @@
 //!   pair forming or failing over, the Redis unreachable), `/status` (the status text;
 //!   `?format=json` as a JSON object), `/metrics` (Prometheus text format, see `metrics`).
 //!
+//! With `[node] admin_token`, everything but `/livez`, `/readyz` and `PING` needs the token
+//! (HTTP `Authorization: Bearer <token>`, RESP `AUTH <token>` first).
+//!
 //! It reads shared state only (the status text, the route, the counters) and decides nothing;
 //! a takeover is handed to the native shell, whose control plane decides.
 
@@ -62,6 +65,9 @@ async fn serve_conn(core: Rc<Core>, stream: monoio::net::TcpStream) {
     let (mut rd, mut wr) = stream.into_split();
     let mut parser = RequestParser::new(1 << 20);
     let mut buf = BytesMut::with_capacity(4096);
+    let token = core.shared.cfg.node.admin_token.clone();
+    let mut authed = token.is_empty();
+    parser.set_unauthenticated(!authed);
     loop {
         let Ok((res, b)) = monoio::time::timeout(IDLE_TIMEOUT, read_more(&mut rd, buf, 0)).await else {
             return;
@@ -94,7 +100,22 @@ async fn serve_conn(core: Rc<Core>, stream: monoio::net::TcpStream) {
                     return;
                 }
             };
-            let reply = answer_resp(&core, &req);
+            let is_auth = req.arg(0).eq_ignore_ascii_case(b"auth");
+            let reply = if is_auth && req.len() == 2 {
+                authed = !token.is_empty() && same_secret(req.arg(1), token.as_bytes());
+                parser.set_unauthenticated(!authed);
+                if authed {
+                    resp::simple("OK")
+                } else if token.is_empty() {
+                    resp::error("ERR the admin port has no token ([node] admin_token)")
+                } else {
+                    resp::error("WRONGPASS invalid admin token")
+                }
+            } else if !authed && !req.arg(0).eq_ignore_ascii_case(b"ping") {
+                resp::error("NOAUTH Authentication required (AUTH <[node] admin_token>).")
+            } else {
+                answer_resp(&core, &req)
+            };
             if wr.write_all(reply).await.0.is_err() {
                 return;
             }
@@ -106,6 +127,11 @@ async fn serve_conn(core: Rc<Core>, stream: monoio::net::TcpStream) {
 fn is_http(buf: &[u8]) -> bool {
     (buf.starts_with(b"GET /") || buf.starts_with(b"HEAD /"))
         && buf.split(|&b| b == b'\n').next().is_some_and(|line| memchr::memmem::find(line, b" HTTP/1.").is_some())
+}
+
+/// Constant-time comparison of a presented secret with the configured one.
+fn same_secret(given: &[u8], want: &[u8]) -> bool {
+    given.len() == want.len() && want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn answer_resp(core: &Core, req: &Request) -> bytes::Bytes {
@@ -137,6 +163,17 @@ async fn answer_http(core: &Rc<Core>, head: &str) -> bytes::Bytes {
     let target = parts.next().unwrap_or("/");
     let with_body = method != "HEAD";
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let token = &core.shared.cfg.node.admin_token;
+    let bearer_ok = token.is_empty()
+        || head.lines().skip(1).any(|l| {
+            l.split_once(':').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("authorization")
+                    && value.trim().strip_prefix("Bearer ").is_some_and(|t| same_secret(t.trim().as_bytes(), token.as_bytes()))
+            })
+        });
+    if !bearer_ok && matches!(path, "/status" | "/metrics") {
+        return http(401, "text/plain", "a bearer token is required ([node] admin_token)\n", with_body);
+    }
     match path {
         "/livez" => http(200, "text/plain", "ok\n", with_body),
         "/readyz" => match readiness(core).await {
@@ -162,14 +199,16 @@ async fn answer_http(core: &Rc<Core>, head: &str) -> bytes::Bytes {
 fn http(code: u16, content_type: &str, body: &str, with_body: bool) -> bytes::Bytes {
     let reason = match code {
         200 => "OK",
+        401 => "Unauthorized",
         404 => "Not Found",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
     };
     let mut out = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{}\r\n",
+        body.len(),
+        if code == 401 { "WWW-Authenticate: Bearer\r\n" } else { "" }
     );
     if with_body {
         out.push_str(body);
