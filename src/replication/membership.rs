@@ -67,7 +67,8 @@ impl Report {
 
     pub fn decode(text: &str) -> Option<Report> {
         let mut r = Report::default();
-        for line in text.lines() {
+        // (A stray `\r` is not part of any value.)
+        for line in text.lines().map(|l| l.trim_end_matches('\r')) {
             let (k, v) = line.split_once(':')?;
             match k {
                 "id" => r.id = v.to_string(),

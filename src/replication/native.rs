@@ -324,7 +324,8 @@ impl PeerReport {
     /// Parse what `encode` wrote; `None` without an id.
     pub fn decode(text: &str) -> Option<PeerReport> {
         let mut r = PeerReport::default();
-        for line in text.lines() {
+        // (A stray `\r` is not part of any value.)
+        for line in text.lines().map(|l| l.trim_end_matches('\r')) {
             let Some((k, v)) = line.split_once(':') else { continue };
             match k {
                 "id" => r.id = v.to_string(),
