@@ -190,3 +190,31 @@ fn mirror_mode_refuses_acl_users() {
     let whoami: String = redis::cmd("ACL").arg("WHOAMI").query(&mut c).unwrap();
     assert_eq!(whoami, "default");
 }
+
+/// A user deleted on Redis (which closes its connections there) loses its proxy clients too;
+/// recreated, it connects again (its shared connection is made anew).
+#[test]
+fn a_deleted_user_loses_its_clients_and_can_come_back() {
+    let redis = redis_with_users();
+    let proxy = Proxy::start(&redis, &["--threads", "1"]);
+    let mut app = conn_as(&proxy, "app", "apppass");
+    let _: () = redis::cmd("SET").arg("app:1").arg("a").query(&mut app).unwrap();
+    let _: () = redis::cmd("ACL").arg("DELUSER").arg("app").query(&mut redis.conn()).unwrap();
+    let gone = wait_until(Duration::from_secs(10), || redis::cmd("SET").arg("app:2").arg("b").query::<()>(&mut app).is_err());
+    assert!(gone, "a deleted user's client keeps writing");
+    let exists: bool = redis::cmd("EXISTS").arg("app:2").query(&mut redis.conn()).unwrap();
+    assert!(!exists, "nothing written as a deleted user");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg("on")
+        .arg(">apppass")
+        .arg("~app:*")
+        .arg("+@all")
+        .query(&mut redis.conn())
+        .unwrap();
+    let mut again = conn_as(&proxy, "app", "apppass");
+    let _: () = redis::cmd("SET").arg("app:3").arg("c").query(&mut again).unwrap();
+    let whoami: String = redis::cmd("ACL").arg("WHOAMI").query(&mut again).unwrap();
+    assert_eq!(whoami, "app");
+}

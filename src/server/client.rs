@@ -156,6 +156,11 @@ impl Client {
     }
 
     /// Close now, dropping whatever is owed (output limit, CLIENT KILL).
+    /// Whether this client authenticated as Redis ACL user `user` (with those credentials).
+    pub fn is_user(&self, user: &AclUser) -> bool {
+        self.session.borrow().user.as_ref() == Some(user)
+    }
+
     pub fn kill(&self) {
         {
             let mut out = self.out.borrow_mut();

@@ -256,6 +256,11 @@ impl Lane {
         }
     }
 
+    /// The Redis ACL user this lane authenticates as.
+    pub fn user(&self) -> Option<&AclUser> {
+        self.user.as_ref()
+    }
+
     /// Nothing was queued for `d` and nothing waits for a reply.
     pub fn idle_for(&self, d: Duration) -> bool {
         self.last_used.get().elapsed() >= d && self.st.borrow().sinks.is_empty()
@@ -614,6 +619,21 @@ pub(crate) async fn run(lane: Rc<Lane>) {
             Err(e) => {
                 upstream.errors.inc();
                 lane.st.borrow_mut().down_reason = e.clone();
+                if lane.user.is_some() && e.starts_with("AUTH rejected") {
+                    // The user was deleted, disabled or given another password (Redis closes
+                    // its connections then): as Redis would, this core's clients of that user
+                    // are disconnected, and the lane goes (a new AUTH makes a new one).
+                    lane.st.borrow_mut().first_connect = false;
+                    {
+                        let mut st = lane.st.borrow_mut();
+                        st.out.clear();
+                        st.current.clear();
+                    }
+                    lane.fail_all(&format!("Redis refused this user's credentials: {e}"));
+                    lane.stop();
+                    core.drop_user_lane(&lane);
+                    return;
+                }
                 if std::mem::take(&mut lane.st.borrow_mut().first_connect) {
                     // What queued for the first connection fails with the reason, and is
                     // never sent (the clients were told it failed).

@@ -152,6 +152,20 @@ impl Core {
         &self.lanes[if proto >= 3 { 1 } else { 0 }]
     }
 
+    /// A user's lane whose credentials Redis refuses: forget it, and disconnect this core's
+    /// clients authenticated as that user with those credentials.
+    pub fn drop_user_lane(&self, lane: &lane::Lane) {
+        let Some(user) = lane.user() else { return };
+        self.user_lanes.borrow_mut().retain(|(u, _, _), l| !(u == user && std::ptr::eq(Rc::as_ptr(l), lane)));
+        let clients: Vec<Rc<client::Client>> = self.clients.borrow().values().filter_map(Weak::upgrade).collect();
+        for c in clients {
+            if c.is_user(user) {
+                c.kill();
+            }
+        }
+        warn!(core = self.idx, user = %String::from_utf8_lossy(&user.name), "Redis refused a user's credentials: its clients here were disconnected");
+    }
+
     /// The shared connection of Redis ACL user `user` in protocol `proto` to the local Redis
     /// (`peer`: the peer's, native mode), made on first use.
     pub fn user_lane(self: &Rc<Self>, user: &crate::session::AclUser, proto: u8, peer: bool) -> Rc<lane::Lane> {
