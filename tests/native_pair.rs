@@ -129,3 +129,22 @@ fn peer_link_needs_the_secret_and_never_takes_it_in_clear() {
     let r = raw.call(&["RS.PROVE", "00"]);
     assert!(text(&r).starts_with("-NOAUTH"), "a forged proof: {}", text(&r));
 }
+
+/// Both Redis require a password: the sidecars give the replica what Redis's own replication
+/// needs (`masterauth`, from `[redis] password`), so the replica links and every write reaches
+/// it.
+#[test]
+fn password_protected_redis_replicate() {
+    use common::pair::PairOpts;
+    let pair = Pair::start_unsynced(PairOpts { redis_password: Some("redis-pw".into()), ..native("all") });
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    let mut cb = pair.b.conn();
+    for i in 0..50 {
+        let _: () = cb.set(format!("pw:{i}"), i).unwrap();
+    }
+    let mut rb = pair.b.redis.conn();
+    let info: String = redis::cmd("INFO").arg("replication").query(&mut rb).unwrap();
+    assert!(info.contains("master_link_status:up"), "{info}");
+    let v: i64 = rb.get("pw:49").unwrap();
+    assert_eq!(v, 49, "write_ack = all: on b's Redis once acknowledged");
+}

@@ -659,7 +659,17 @@ fn execute(shell: &Rc<Shell>, cmd: Command) {
 async fn follow_peer(shell: &Shell) -> Result<(), String> {
     let (host, port) =
         shell.peer_redis_name.rsplit_once(':').ok_or_else(|| format!("{} is not host:port", shell.peer_redis_name))?;
-    let cmd = vec![vec![b"REPLICAOF".to_vec(), host.as_bytes().to_vec(), port.as_bytes().to_vec()]];
+    // The primary asks its replicas for the same credentials the sidecars use (both Redis
+    // hold the same users): Redis's own replication authenticates with masteruser/masterauth.
+    let redis = &shell.core.shared.cfg.redis;
+    let mut cmd = Vec::new();
+    if !redis.password.is_empty() {
+        cmd.push(vec![b"CONFIG".to_vec(), b"SET".to_vec(), b"masterauth".to_vec(), redis.password.as_bytes().to_vec()]);
+        if !redis.username.is_empty() {
+            cmd.push(vec![b"CONFIG".to_vec(), b"SET".to_vec(), b"masteruser".to_vec(), redis.username.as_bytes().to_vec()]);
+        }
+    }
+    cmd.push(vec![b"REPLICAOF".to_vec(), host.as_bytes().to_vec(), port.as_bytes().to_vec()]);
     run_on(shell, shell.local_redis, &cmd).await?;
     info!("REPLICAOF {}: the local Redis replicates the peer's", shell.peer_redis_name);
     Ok(())

@@ -582,6 +582,9 @@ pub struct PairOpts {
     pub drain_ms: u64,
     /// `[replication] min_replicas_to_write` of both nodes (native mode).
     pub min_replicas_to_write: u32,
+    /// Both Redis require this password (`requirepass`), given to the sidecars as
+    /// `[redis] password`.
+    pub redis_password: Option<String>,
 }
 
 impl Default for PairOpts {
@@ -598,6 +601,7 @@ impl Default for PairOpts {
             b_secret: None,
             drain_ms: 0,
             min_replicas_to_write: 0,
+            redis_password: None,
         }
     }
 }
@@ -660,6 +664,7 @@ fn node_toml(
          drain_ms = {}\n\
          [redis]\n\
          address = \"127.0.0.1:{my_redis}\"\n\
+         password = \"{}\"\n\
          [[peers]]\n\
          id = \"{peer_id}\"\n\
          address = \"127.0.0.1:{peer_addr}\"\n\
@@ -676,6 +681,7 @@ fn node_toml(
         me.admin,
         opts.threads,
         opts.drain_ms,
+        opts.redis_password.as_deref().unwrap_or(""),
         opts.mode,
         opts.write_ack,
         opts.failover_timeout_ms,
@@ -714,8 +720,11 @@ impl Pair {
     /// Start both Redis (and the relays) and write both configurations, but start no sidecar
     /// (`Node::spawn_proxy` / `start_proxy` do).
     pub fn prepare(opts: PairOpts) -> Pair {
-        let ra = RedisServer::start();
-        let rb = RedisServer::start();
+        let redis = || match &opts.redis_password {
+            Some(pw) => RedisServer::start_with(&["--requirepass", pw]),
+            None => RedisServer::start(),
+        };
+        let (ra, rb) = (redis(), redis());
         let pa = Ports { client: free_port(), peer: free_port(), admin: free_port() };
         let pb = Ports { client: free_port(), peer: free_port(), admin: free_port() };
         let relays = opts.relays.then(|| Relays {
