@@ -9,20 +9,24 @@ use std::time::Duration;
 fn redis_with_users() -> RedisServer {
     let redis = RedisServer::start();
     let mut c = redis.conn();
-    for (user, pass, keys) in [("app", "apppass", "~app:*"), ("other", "otherpass", "~other:*")] {
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(user)
-            .arg("on")
-            .arg(format!(">{pass}"))
-            .arg(keys)
-            .arg("&*")
-            .arg("+@all")
-            .query(&mut c)
-            .unwrap();
-    }
+    add_user(&mut c, "app", "apppass", "~app:*");
+    add_user(&mut c, "other", "otherpass", "~other:*");
     add_narrow_user(&mut c);
     redis
+}
+
+/// A user with every command on the keys `keys` (and every channel).
+fn add_user(c: &mut redis::Connection, user: &str, pass: &str, keys: &str) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(user)
+        .arg("on")
+        .arg(format!(">{pass}"))
+        .arg(keys)
+        .arg("&*")
+        .arg("+@all")
+        .query(c)
+        .unwrap();
 }
 
 /// A typical application user: reads and writes on `app:*`, nothing administrative (no
@@ -204,15 +208,7 @@ fn a_deleted_user_loses_its_clients_and_can_come_back() {
     assert!(gone, "a deleted user's client keeps writing");
     let exists: bool = redis::cmd("EXISTS").arg("app:2").query(&mut redis.conn()).unwrap();
     assert!(!exists, "nothing written as a deleted user");
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("app")
-        .arg("on")
-        .arg(">apppass")
-        .arg("~app:*")
-        .arg("+@all")
-        .query(&mut redis.conn())
-        .unwrap();
+    add_user(&mut redis.conn(), "app", "apppass", "~app:*");
     let mut again = conn_as(&proxy, "app", "apppass");
     let _: () = redis::cmd("SET").arg("app:3").arg("c").query(&mut again).unwrap();
     let whoami: String = redis::cmd("ACL").arg("WHOAMI").query(&mut again).unwrap();
