@@ -893,17 +893,13 @@ impl Sequencer {
                 }
                 Payload::Cmd { frame, replies } => {
                     if st.cur_db != Some(e.db) {
-                        out.extend_from_slice(
-                            &Request::from_args(&[b"SELECT".as_slice(), e.db.to_string().as_bytes()]).frame,
-                        );
+                        out.extend_from_slice(&crate::command::frames::select(e.db));
                         st.expect.push_back(Expect { seq: None, left: 1, got: SmallVec::new() });
                         st.cur_db = Some(e.db);
                     }
                     let proto = if e.proto >= 3 { 3 } else { 2 };
                     if st.cur_proto != proto {
-                        out.extend_from_slice(
-                            &Request::from_args(&[b"HELLO".as_slice(), proto.to_string().as_bytes()]).frame,
-                        );
+                        out.extend_from_slice(&crate::command::frames::hello(proto));
                         st.expect.push_back(Expect { seq: None, left: 1, got: SmallVec::new() });
                         st.cur_proto = proto;
                     }

@@ -24,7 +24,7 @@ use monoio::io::{AsyncWriteRentExt, Splitable};
 use monoio::net::TcpListener;
 
 use super::io::read_more;
-use super::lane::{connect_redis, roundtrip};
+use super::upstream::{connect_redis, roundtrip};
 use super::Core;
 use crate::resp::{self, Request, RequestParser};
 use crate::route::WriteTarget;

@@ -21,7 +21,8 @@ use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::io::read_more;
-use super::lane::{connect_redis_as, roundtrip, Sink};
+use super::lane::Sink;
+use super::upstream::{connect_redis_as, roundtrip};
 use super::stall::{tick_for, StallClock};
 use super::{Core, CoreMsg, Signal};
 use crate::replication::native::Side;
@@ -732,16 +733,12 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let mut frames = BytesMut::new();
             // Bring a reused connection to the client's database and protocol.
             if d.db != f.db && !f.any_db {
-                frames.extend_from_slice(
-                    &crate::resp::Request::from_args(&[b"SELECT".as_slice(), f.db.to_string().as_bytes()]).frame,
-                );
+                frames.extend_from_slice(&crate::command::frames::select(f.db));
                 d.link.owed.borrow_mut().push_back(Owed::Setup);
                 d.db = f.db;
             }
             if d.proto != proto {
-                frames.extend_from_slice(
-                    &crate::resp::Request::from_args(&[b"HELLO".as_slice(), proto.to_string().as_bytes()]).frame,
-                );
+                frames.extend_from_slice(&crate::command::frames::hello(proto));
                 d.link.owed.borrow_mut().push_back(Owed::Setup);
                 d.proto = proto;
             }
@@ -878,8 +875,8 @@ async fn connect_spare(
     let upstream_id = replies.first().and_then(|r| resp::integer_reply(r)).filter(|&i| i > 0).map(|i| i as u64);
     let run = match replies.get(1) {
         // An ACL user without INFO permission: asked with the proxy's own identity.
-        Some(r) if resp::is_error(r) => super::lane::run_via_own_identity(&core.shared.cfg.redis, addr).await,
-        Some(r) => super::lane::run_from_info(r),
+        Some(r) if resp::is_error(r) => super::upstream::run_via_own_identity(&core.shared.cfg.redis, addr).await,
+        Some(r) => super::upstream::run_from_info(r),
         None => 0,
     };
     Ok(WarmConn { stream, upstream_id, run })

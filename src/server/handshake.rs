@@ -3,7 +3,7 @@
 
 use monoio::net::TcpStream;
 
-use super::lane::roundtrip;
+use super::upstream::roundtrip;
 use crate::resp;
 
 /// Authenticate `s` (just connected to peer `peer`) as node `me`.

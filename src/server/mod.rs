@@ -17,6 +17,7 @@ mod peer;
 mod replica;
 mod signal;
 mod stall;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};

@@ -23,7 +23,7 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::io::read_more;
-use super::lane::{connect_redis, roundtrip};
+use super::upstream::{connect_redis, roundtrip};
 use super::Core;
 use crate::config::WriteAck;
 use crate::replication::native::{Command, NativeConfig, NativeNode, PeerReport, ReplInfo, Side, Unreachable};
@@ -759,7 +759,7 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool, peer_run: &str) -> Result<(),
     for chunk in copy.chunks(MERGE_BATCH) {
         let mut reads = Vec::with_capacity(chunk.len() * 3);
         for (db, k) in chunk {
-            reads.push(vec![b"SELECT".to_vec(), db.to_string().into_bytes()]);
+            reads.push(crate::command::frames::select_args(*db));
             reads.push(vec![b"DUMP".to_vec(), k.to_vec()]);
             reads.push(vec![b"PEXPIRETIME".to_vec(), k.to_vec()]);
         }
@@ -768,7 +768,7 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool, peer_run: &str) -> Result<(),
         for (i, (db, k)) in chunk.iter().enumerate() {
             let dump = bulk_bytes(&got[i * 3 + 1]);
             let at = resp::integer_reply(&got[i * 3 + 2]).unwrap_or(-2);
-            writes.push(vec![b"SELECT".to_vec(), db.to_string().into_bytes()]);
+            writes.push(crate::command::frames::select_args(*db));
             match dump {
                 Some(d) if at != -2 => {
                     let mut cmd = vec![b"RESTORE".to_vec(), k.to_vec()];
@@ -837,7 +837,7 @@ async fn all_keys(shell: &Shell) -> Result<Vec<(u32, Bytes)>, String> {
         .collect();
     let mut out = Vec::new();
     for db in dbs {
-        roundtrip(&mut s, &[vec![b"SELECT".to_vec(), db.to_string().into_bytes()]], timeout).await?;
+        roundtrip(&mut s, &[crate::command::frames::select_args(db)], timeout).await?;
         let mut cursor = b"0".to_vec();
         loop {
             let r = roundtrip(

@@ -22,7 +22,8 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::io::read_more;
-use super::lane::{connect_redis, deliver_to, roundtrip, Sink};
+use super::lane::{deliver_to, Sink};
+use super::upstream::{connect_redis, roundtrip};
 use super::peer::{self, LinkWait, PeerConn, PeerLink};
 use super::{Core, Signal};
 use crate::command;
@@ -894,7 +895,7 @@ async fn scan_keys(repl: &Rc<Repl>, t: usize, gen: u64) -> Result<(), String> {
     let mut copied = 0u64;
     let mut last_log = Instant::now();
     for db in dbs {
-        roundtrip(&mut conn, &[vec![b"SELECT".to_vec(), db.to_string().into_bytes()]], timeout).await?;
+        roundtrip(&mut conn, &[crate::command::frames::select_args(db)], timeout).await?;
         let mut cursor = b"0".to_vec();
         loop {
             let cmd = vec![b"SCAN".to_vec(), cursor.clone(), b"COUNT".to_vec(), b"512".to_vec()];
