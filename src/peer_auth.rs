@@ -141,7 +141,12 @@ impl Acceptor {
 
     /// `RS.HELLO <node> <nonce>` (arguments after the command name): the reply's two
     /// elements (our nonce and proof).
-    pub fn on_hello(&mut self, secret: &[u8], client_node: &[u8], client_nonce_hex: &[u8]) -> Result<[String; 2], PeerAuthError> {
+    pub fn on_hello(
+        &mut self,
+        secret: &[u8],
+        client_node: &[u8],
+        client_nonce_hex: &[u8],
+    ) -> Result<[String; 2], PeerAuthError> {
         let cn = unhex(client_nonce_hex).filter(|n| n.len() == NONCE_LEN).ok_or(PeerAuthError::Malformed("nonce"))?;
         let p = proof(secret, b"server", &cn, &self.nonce, self.node.as_bytes())?;
         self.hello = Some((String::from_utf8_lossy(client_node).into_owned(), cn));

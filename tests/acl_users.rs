@@ -97,8 +97,7 @@ fn acl_users_get_their_own_permissions_on_one_core() {
 
     // HELLO 3 AUTH switches user and protocol at once.
     let mut c = proxy.conn();
-    let hello: redis::Value =
-        redis::cmd("HELLO").arg(3).arg("AUTH").arg("app").arg("apppass").query(&mut c).unwrap();
+    let hello: redis::Value = redis::cmd("HELLO").arg(3).arg("AUTH").arg("app").arg("apppass").query(&mut c).unwrap();
     assert!(matches!(hello, redis::Value::Map(_)), "RESP3 map: {hello:?}");
     let whoami: String = redis::cmd("ACL").arg("WHOAMI").query(&mut c).unwrap();
     assert_eq!(whoami, "app");
@@ -174,7 +173,10 @@ fn acl_users_through_a_native_pair() {
     }
     let mut b = pair.b.redis.conn();
     let ok = wait_until(Duration::from_secs(10), || {
-        redis::cmd("EXISTS").arg(format!("app:{}", pair.a.port)).arg(format!("app:{}", pair.b.port)).query::<i64>(&mut b)
+        redis::cmd("EXISTS")
+            .arg(format!("app:{}", pair.a.port))
+            .arg(format!("app:{}", pair.b.port))
+            .query::<i64>(&mut b)
             == Ok(2)
     });
     assert!(ok, "both writes replicated to b's Redis");
@@ -204,7 +206,8 @@ fn a_deleted_user_loses_its_clients_and_can_come_back() {
     let mut app = conn_as(&proxy, "app", "apppass");
     let _: () = redis::cmd("SET").arg("app:1").arg("a").query(&mut app).unwrap();
     let _: () = redis::cmd("ACL").arg("DELUSER").arg("app").query(&mut redis.conn()).unwrap();
-    let gone = wait_until(Duration::from_secs(10), || redis::cmd("SET").arg("app:2").arg("b").query::<()>(&mut app).is_err());
+    let gone =
+        wait_until(Duration::from_secs(10), || redis::cmd("SET").arg("app:2").arg("b").query::<()>(&mut app).is_err());
     assert!(gone, "a deleted user's client keeps writing");
     let exists: bool = redis::cmd("EXISTS").arg("app:2").query(&mut redis.conn()).unwrap();
     assert!(!exists, "nothing written as a deleted user");

@@ -638,15 +638,24 @@ fn replica_down_acks_on_the_primary_alone_or_refuses_with_min_replicas() {
                 }
             }
         }
-        let alone = || (status_num(pair.a.port, "acks_on_primary_alone"), status_num(pair.b.port, "acks_on_primary_alone"));
+        let alone =
+            || (status_num(pair.a.port, "acks_on_primary_alone"), status_num(pair.b.port, "acks_on_primary_alone"));
         if min == 0 {
             assert!(refused.is_empty(), "{} writes refused: {:?}", refused.len(), &refused[..refused.len().min(3)]);
             // The status text is refreshed once per poll.
             wait_until(SETTLE, || alone().0 >= 100 && alone().1 >= 100);
             let alone = alone();
-            assert!(alone.0 >= 100 && alone.1 >= 100, "each sidecar counts its acks on the primary alone: {alone:?}\n{}", statuses(&pair));
+            assert!(
+                alone.0 >= 100 && alone.1 >= 100,
+                "each sidecar counts its acks on the primary alone: {alone:?}\n{}",
+                statuses(&pair)
+            );
         } else {
-            assert!(acked.is_empty(), "min_replicas_to_write = 1 acknowledged {} writes with the replica down", acked.len());
+            assert!(
+                acked.is_empty(),
+                "min_replicas_to_write = 1 acknowledged {} writes with the replica down",
+                acked.len()
+            );
             assert!(refused.iter().all(|e| e.contains("NOREPLICAS")), "Redis's own refusal: {:?}", &refused[..3]);
             assert_eq!(alone(), (0, 0), "nothing was acknowledged on the primary alone");
             let mut ra = pair.a.redis.conn();
@@ -658,7 +667,8 @@ fn replica_down_acks_on_the_primary_alone_or_refuses_with_min_replicas() {
             let mut c = Client::new(node.port, Duration::from_secs(6));
             for i in 0..20 {
                 let (k, v) = (format!("back:{n}:{i}"), i.to_string());
-                c.set_until_acked(&k, &v, Instant::now() + SETTLE).unwrap_or_else(|e| panic!("{e}\n{}", statuses(&pair)));
+                c.set_until_acked(&k, &v, Instant::now() + SETTLE)
+                    .unwrap_or_else(|e| panic!("{e}\n{}", statuses(&pair)));
                 acked.push((k, v));
             }
         }

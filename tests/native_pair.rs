@@ -109,8 +109,7 @@ fn dead_primary_sidecar_is_not_a_failover_and_rolling_restart_keeps_writes() {
 fn peer_link_needs_the_secret_and_never_takes_it_in_clear() {
     use common::pair::PairOpts;
     use common::{text, RawConn};
-    let pair =
-        Pair::start_unsynced(PairOpts { b_secret: Some("not-the-secret".into()), ..native("all") });
+    let pair = Pair::start_unsynced(PairOpts { b_secret: Some("not-the-secret".into()), ..native("all") });
     let linked = |port: u16, peer: &str| {
         status_of(port).is_some_and(|st| st.raw.lines().any(|l| l.starts_with(&format!("peer:{peer} link=up"))))
     };

@@ -330,10 +330,16 @@ mod tests {
         );
         // b back with the same boot: enabled, no rebuild.
         a.heard(report("b", 9, Role::Follower, 1, "a"), 700);
-        assert_eq!(a.stream_changes(701, &[true, false]), vec![StreamChange { stream: 1, enable: true, rebuild: false }]);
+        assert_eq!(
+            a.stream_changes(701, &[true, false]),
+            vec![StreamChange { stream: 1, enable: true, rebuild: false }]
+        );
         // b restarted (new boot) while disabled: rebuilt.
         a.heard(report("b", 10, Role::Follower, 1, "a"), 2000);
-        assert_eq!(a.stream_changes(2001, &[true, false]), vec![StreamChange { stream: 1, enable: true, rebuild: true }]);
+        assert_eq!(
+            a.stream_changes(2001, &[true, false]),
+            vec![StreamChange { stream: 1, enable: true, rebuild: true }]
+        );
     }
 
     #[test]

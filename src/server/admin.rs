@@ -168,7 +168,10 @@ async fn answer_http(core: &Rc<Core>, head: &str) -> bytes::Bytes {
         || head.lines().skip(1).any(|l| {
             l.split_once(':').is_some_and(|(name, value)| {
                 name.trim().eq_ignore_ascii_case("authorization")
-                    && value.trim().strip_prefix("Bearer ").is_some_and(|t| same_secret(t.trim().as_bytes(), token.as_bytes()))
+                    && value
+                        .trim()
+                        .strip_prefix("Bearer ")
+                        .is_some_and(|t| same_secret(t.trim().as_bytes(), token.as_bytes()))
             })
         });
     if !bearer_ok && matches!(path, "/status" | "/metrics") {

@@ -22,8 +22,8 @@ use tracing::{debug, warn};
 
 use super::io::read_more;
 use super::lane::Sink;
-use super::upstream::{connect_redis_as, roundtrip};
 use super::stall::{tick_for, StallClock};
+use super::upstream::{connect_redis_as, roundtrip};
 use super::{Core, CoreMsg, Signal};
 use crate::replication::native::Side;
 use crate::resp::{self, ReplySkimmer, RequestParser};
@@ -544,8 +544,7 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
         let auth_left = {
             let limit = client.core.shared.cfg.client.auth_timeout_ms;
             let must = !client.session.borrow().authed && !client.core.env.borrow().password.is_empty();
-            (must && limit > 0)
-                .then(|| std::time::Duration::from_millis(limit).saturating_sub(connected_at.elapsed()))
+            (must && limit > 0).then(|| std::time::Duration::from_millis(limit).saturating_sub(connected_at.elapsed()))
         };
         let read = match auth_left {
             Some(left) => monoio::select! {
@@ -818,8 +817,16 @@ async fn verify_user(core: &Core, user: &AclUser) -> Result<(), bytes::Bytes> {
     let timeout = std::time::Duration::from_millis(cfg.connect_timeout_ms);
     let mut stream = match monoio::time::timeout(timeout, monoio::net::TcpStream::connect_addr(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(resp::error(&format!("ERR resplica: cannot reach Redis at {addr} to check the credentials: {e}"))),
-        Err(_) => return Err(resp::error(&format!("ERR resplica: Redis at {addr} did not answer in time to check the credentials"))),
+        Ok(Err(e)) => {
+            return Err(resp::error(&format!(
+                "ERR resplica: cannot reach Redis at {addr} to check the credentials: {e}"
+            )))
+        }
+        Err(_) => {
+            return Err(resp::error(&format!(
+                "ERR resplica: Redis at {addr} did not answer in time to check the credentials"
+            )))
+        }
     };
     let auth = vec![b"AUTH".to_vec(), user.name.to_vec(), user.pass.to_vec()];
     match roundtrip(&mut stream, &[auth], cfg.connect_timeout_ms).await {

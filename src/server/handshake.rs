@@ -32,4 +32,3 @@ pub(crate) async fn authenticate_to_peer(
         None => Err("no answer to RS.PROVE".into()),
     }
 }
-

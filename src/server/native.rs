@@ -66,7 +66,6 @@ impl Shell {
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
-
 }
 
 impl Shell {
@@ -281,8 +280,14 @@ async fn connect_peer(shell: &Shell, timeout: u64) -> Result<TcpStream, String> 
         Err(_) => return Err("connect timed out".into()),
     };
     let _ = s.set_nodelay(true);
-    super::handshake::authenticate_to_peer(&mut s, &shell.core.shared.cfg.node.id, &shell.peer_id, &shell.secret, timeout)
-        .await?;
+    super::handshake::authenticate_to_peer(
+        &mut s,
+        &shell.core.shared.cfg.node.id,
+        &shell.peer_id,
+        &shell.secret,
+        timeout,
+    )
+    .await?;
     Ok(s)
 }
 
@@ -666,7 +671,12 @@ async fn follow_peer(shell: &Shell) -> Result<(), String> {
     if !redis.password.is_empty() {
         cmd.push(vec![b"CONFIG".to_vec(), b"SET".to_vec(), b"masterauth".to_vec(), redis.password.as_bytes().to_vec()]);
         if !redis.username.is_empty() {
-            cmd.push(vec![b"CONFIG".to_vec(), b"SET".to_vec(), b"masteruser".to_vec(), redis.username.as_bytes().to_vec()]);
+            cmd.push(vec![
+                b"CONFIG".to_vec(),
+                b"SET".to_vec(),
+                b"masteruser".to_vec(),
+                redis.username.as_bytes().to_vec(),
+            ]);
         }
     }
     cmd.push(vec![b"REPLICAOF".to_vec(), host.as_bytes().to_vec(), port.as_bytes().to_vec()]);

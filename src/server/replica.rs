@@ -23,8 +23,8 @@ use tracing::{info, warn};
 
 use super::io::read_more;
 use super::lane::{deliver_to, Sink};
-use super::upstream::{connect_redis, roundtrip};
 use super::peer::{self, LinkWait, PeerConn, PeerLink};
+use super::upstream::{connect_redis, roundtrip};
 use super::{Core, Signal};
 use crate::command;
 use crate::config::WriteAck;
@@ -93,7 +93,8 @@ impl Repl {
             TcpListener::bind_with_config(cfg.node.peer_listen, &ListenerOpts::new().reuse_addr(true).backlog(128))?;
         let boot = (unix_ms() << 16) ^ std::process::id() as u64;
         let peers: Vec<(String, u32)> = cfg.peers.iter().map(|p| (p.id.clone(), p.priority.unwrap_or(0))).collect();
-        let ctl = MirrorControl::new(&cfg.node.id, cfg.node.priority, boot, &peers, cfg.replication.failover_timeout_ms);
+        let ctl =
+            MirrorControl::new(&cfg.node.id, cfg.node.priority, boot, &peers, cfg.replication.failover_timeout_ms);
         let repl = Rc::new(Repl {
             core: core.clone(),
             started_ms: coarse_ms(libc::CLOCK_MONOTONIC_COARSE),
@@ -609,11 +610,8 @@ impl Repl {
 
     fn publish_status(&self, now: u64) {
         let cfg = &self.core.shared.cfg;
-        let mine = if self.core.lanes[0].is_connected() {
-            self.core.redis_run_id.borrow().clone()
-        } else {
-            String::new()
-        };
+        let mine =
+            if self.core.lanes[0].is_connected() { self.core.redis_run_id.borrow().clone() } else { String::new() };
         let own_in_sync = self.seq.borrow().as_ref().map(|s| s.streams[0].state == ReplicaState::InSync);
         let in_sync = self.ctl.borrow_mut().local_reads(now, &mine, own_in_sync);
         let ctl = self.ctl.borrow();
