@@ -320,9 +320,6 @@ pub struct Session {
     pub user: Option<AclUser>,
     /// Credentials Redis just accepted for a `HELLO … AUTH` offered again.
     verified: Option<AclUser>,
-    /// Bumped whenever `user` changes: the shell then drops a dedicated connection opened
-    /// as the previous identity.
-    pub identity: u64,
     pub peer: String,
     pub local: String,
     reply_mode: ReplyMode,
@@ -467,7 +464,6 @@ impl Session {
             lib: (Bytes::new(), Bytes::new()),
             user: None,
             verified: None,
-            identity: 0,
             authed: env.password.is_empty(),
             peer,
             local,
@@ -1020,7 +1016,7 @@ impl Session {
         self.proto = 2;
         self.name = None;
         self.authed = env.password.is_empty();
-        self.set_user(None);
+        self.user = None;
         self.verified = None;
         self.reply_mode = ReplyMode::On;
         self.dedicated_lost();
@@ -1179,13 +1175,6 @@ impl Session {
         Some(self.local_reply(reply))
     }
 
-    fn set_user(&mut self, user: Option<AclUser>) {
-        if self.user != user {
-            self.user = user;
-            self.identity += 1;
-        }
-    }
-
     /// Redis accepted `user`'s credentials (an [`Action::Auth`]): for `AUTH`, the client is
     /// that user from now on; for `HELLO`, the request offered again completes it.
     pub fn acl_verified(&mut self, user: AclUser, hello: bool) -> Bytes {
@@ -1193,7 +1182,7 @@ impl Session {
             self.verified = Some(user);
             return Bytes::new();
         }
-        self.set_user(Some(user));
+        self.user = Some(user);
         self.authed = true;
         resp::simple("OK")
     }
@@ -1212,14 +1201,14 @@ impl Session {
             }
             if user == b"default" {
                 self.authed = true;
-                self.set_user(None);
+                self.user = None;
                 return resp::simple("OK");
             }
             return resp::error(WRONGPASS);
         }
         if user == b"default" && pass == env.password.as_bytes() {
             self.authed = true;
-            self.set_user(None);
+            self.user = None;
             resp::simple("OK")
         } else {
             resp::error(WRONGPASS)
@@ -1285,7 +1274,7 @@ impl Session {
             self.authed = true;
         }
         if let Some(u) = new_user {
-            self.set_user(u);
+            self.user = u;
         }
         if let Some(n) = new_name {
             self.name = if n.is_empty() { None } else { Some(n) };

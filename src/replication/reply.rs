@@ -1,5 +1,5 @@
 //! Reading the few reply shapes replication needs to look inside: the elements of an array
-//! (SPOP's members, EXEC's results, DUMP + PTTL), bulk strings and integers. Everything else
+//! (SPOP's members, EXEC's results, DUMP + PTTL), bulk strings, integers and `INFO` fields. Everything else
 //! is passed through as opaque bytes.
 
 use bytes::{Bytes, BytesMut};
@@ -8,6 +8,11 @@ use crate::resp::{integer_reply, parse_int, ReplySkimmer};
 
 /// The elements of an aggregate reply (`*`, `~`, `>`; a map's keys and values in turn), or
 /// `None` for a null or a non-aggregate.
+/// The value of `field` in `INFO` text (`field:value` lines), trimmed.
+pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(str::trim)
+}
+
 pub fn elements(reply: &Bytes) -> Option<Vec<Bytes>> {
     let kind = *reply.first()?;
     if !matches!(kind, b'*' | b'~' | b'>' | b'%') {

@@ -374,6 +374,8 @@ struct Dedicated {
     peer: bool,
     /// Native mode: the run of that Redis it reaches.
     run: u64,
+    /// The Redis ACL user it authenticated as (`None`: the proxy's own identity).
+    user: Option<AclUser>,
 }
 
 async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
@@ -387,8 +389,6 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
     let mut hold_since: Option<std::time::Instant> = None;
     let mut holding = false;
     let connected_at = Instant::now();
-    // Which Redis identity the dedicated connection (if any) was opened as.
-    let mut identity = client.session.borrow().identity;
     let hold_limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     'conn: loop {
         // Act on everything already buffered.
@@ -444,11 +444,7 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
             }
             // The client became another Redis user: a dedicated connection opened as the
             // previous one must not carry its requests.
-            let now_identity = client.session.borrow().identity;
-            if now_identity != identity {
-                identity = now_identity;
-                retire_dedicated(&client, &mut dedicated).await;
-            }
+            retire_if_other_user(&client, &mut dedicated).await;
             match action {
                 Action::Wait => {
                     held = Some(req);
@@ -491,8 +487,7 @@ async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
                                 held = Some(req);
                                 continue;
                             }
-                            identity = client.session.borrow().identity;
-                            retire_dedicated(&client, &mut dedicated).await;
+                            retire_if_other_user(&client, &mut dedicated).await;
                             client.push_local(reply);
                         }
                         Err(e) => client.push_local(e),
@@ -782,9 +777,13 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
     }
 }
 
-/// Close the client's dedicated connection, if any (its identity is not the client's any
-/// more); the next command that needs one opens it as the client's current user.
-async fn retire_dedicated(client: &Client, dedicated: &mut Option<Dedicated>) {
+/// Close the client's dedicated connection if it was opened as another Redis user than the
+/// client is now; the next command that needs one opens it as the client's current user.
+async fn retire_if_other_user(client: &Client, dedicated: &mut Option<Dedicated>) {
+    let other = dedicated.as_ref().is_some_and(|d| d.user != client.session.borrow().user);
+    if !other {
+        return;
+    }
     if let Some(mut d) = dedicated.take() {
         d.link.retired.set(true);
         client.core.shared.upstream_ids.set(client.id, None);
@@ -913,7 +912,8 @@ fn adopt_dedicated(client: &Rc<Client>, conn: WarmConn, db: u32, proto: u8, peer
     monoio::spawn(dedicated_reader(client.clone(), rd, link.clone()));
     let limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     monoio::spawn(dedicated_stall_watch(link.clone(), limit));
-    Dedicated { wr, link, db, proto, peer, run }
+    let user = client.session.borrow().user.clone();
+    Dedicated { wr, link, db, proto, peer, run, user }
 }
 
 /// Spare dedicated connections kept per core.

@@ -1,4 +1,6 @@
-//! A lane: one core's shared, pipelined connection to the local Redis. Requests from every
+//! A lane: one core's shared, pipelined connection to a Redis (the local one; in native mode
+//! also the peer's; per Redis ACL user too, made on first use, see `Core::user_lane`;
+//! connecting itself is `upstream`'s). Requests from every
 //! client of the core (and writes hopping in from other cores) are appended to one output
 //! buffer and written once per event-loop turn; replies come back in order and are matched to
 //! their senders first-in first-out.
@@ -391,11 +393,11 @@ async fn learn_server_facts(core: &Core) {
     let Ok(replies) = roundtrip(&mut s, &cmds, core.shared.cfg.redis.connect_timeout_ms).await else { return };
     let info = String::from_utf8_lossy(&replies[0]);
     let mut env = core.env.borrow_mut();
-    if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
-        env.redis_version = v.trim().to_string();
+    if let Some(v) = crate::replication::reply::info_field(&info, "redis_version") {
+        env.redis_version = v.to_string();
     }
-    if let Some(v) = info.lines().find_map(|l| l.strip_prefix("run_id:")) {
-        core.redis_run_id.replace(v.trim().to_string());
+    if let Some(v) = crate::replication::reply::info_field(&info, "run_id") {
+        core.redis_run_id.replace(v.to_string());
     }
     // CONFIG GET reply: *2 $9 databases $N <n>
     let cfg = String::from_utf8_lossy(&replies[1]);

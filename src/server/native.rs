@@ -702,7 +702,7 @@ async fn run_on(shell: &Shell, addr: SocketAddr, cmds: &[Vec<Vec<u8>>]) -> Resul
 async fn same_run(conn: &mut TcpStream, want: &str, timeout: u64) -> Result<(), String> {
     let info = roundtrip(conn, &[vec![b"INFO".to_vec(), b"server".to_vec()]], timeout).await?;
     let text = String::from_utf8_lossy(info.first().map(|b| &b[..]).unwrap_or(b""));
-    let run = text.lines().find_map(|l| l.strip_prefix("run_id:")).map(str::trim).unwrap_or("");
+    let run = crate::replication::reply::info_field(&text, "run_id").unwrap_or("");
     if run != want {
         return Err(format!("the peer's Redis restarted since the merge was decided (run {run}, decided on {want})"));
     }

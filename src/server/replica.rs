@@ -718,7 +718,7 @@ async fn open_redis(repl: &Repl, addr: &str) -> Result<(TcpStream, String), Stri
     let mut s = connect_redis(cfg, sock, 2, 0).await?;
     let info = roundtrip(&mut s, &[vec![b"INFO".to_vec(), b"server".to_vec()]], cfg.connect_timeout_ms).await?;
     let text = String::from_utf8_lossy(&info[0]);
-    let run_id = text.lines().find_map(|l| l.strip_prefix("run_id:")).map(|s| s.trim().to_string()).unwrap_or_default();
+    let run_id = crate::replication::reply::info_field(&text, "run_id").unwrap_or("").to_string();
     Ok((s, run_id))
 }
 

@@ -41,7 +41,7 @@ pub(crate) async fn run_via_own_identity(cfg: &crate::config::RedisConfig, addr:
 /// `route::run_id_hash` of the `run_id` in an `INFO server` reply (0: none).
 pub(crate) fn run_from_info(reply: &[u8]) -> u64 {
     let info = String::from_utf8_lossy(reply);
-    crate::route::run_id_hash(info.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim())
+    crate::route::run_id_hash(crate::replication::reply::info_field(&info, "run_id").unwrap_or(""))
 }
 
 /// Connect, authenticate and prepare a connection to the local Redis in protocol `proto`.
