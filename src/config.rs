@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::tls::TlsConfig;
+
 /// A configuration that cannot be used. The text names the field and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -83,6 +85,11 @@ pub struct NodeConfig {
     pub admin_token: String,
     /// Or read the token from a file (a mounted Secret). "" = none.
     pub admin_token_file: String,
+    /// With `[client.tls]`: a second client port serving plaintext (e.g. for a sidecar's
+    /// own health checks on loopback). None = TLS only.
+    pub plaintext_listen: Option<SocketAddr>,
+    /// `[node.admin_tls]`: the admin port serves HTTPS and RESP over TLS.
+    pub admin_tls: Option<TlsConfig>,
 }
 
 /// `[node] drain_ms` by default: stop at once (set it for Kubernetes; conf/resplica.toml does).
@@ -103,6 +110,8 @@ impl Default for NodeConfig {
             log_level: "info".into(),
             admin_token: String::new(),
             admin_token_file: String::new(),
+            plaintext_listen: None,
+            admin_tls: None,
         }
     }
 }
@@ -118,6 +127,9 @@ pub struct RedisConfig {
     /// A client waiting longer than this for Redis gets `-ERR` and the connection is reset.
     pub request_timeout_ms: u64,
     pub reconnect_backoff_max_ms: u64,
+    /// `[redis.tls]`: TLS to the Redis (own and, in a pair, the peer's): `ca_file` verifies
+    /// it, `cert_file`/`key_file` are the client certificate Redis's `tls-auth-clients` asks for.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for RedisConfig {
@@ -129,6 +141,7 @@ impl Default for RedisConfig {
             connect_timeout_ms: 1000,
             request_timeout_ms: 5000,
             reconnect_backoff_max_ms: 2000,
+            tls: None,
         }
     }
 }
@@ -196,6 +209,9 @@ pub struct ReplicationConfig {
     /// primary alone and say so.
     pub min_replicas_to_write: u32,
     pub lone_start: LoneStart,
+    /// `[replication.tls]`: the peer link over TLS, mutual by default (each sidecar shows
+    /// `cert_file` and verifies the other's against `ca_file`).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ReplicationConfig {
@@ -210,6 +226,7 @@ impl Default for ReplicationConfig {
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
             min_replicas_to_write: 0,
             lone_start: LoneStart::AfterTimeout,
+            tls: None,
         }
     }
 }
@@ -248,6 +265,8 @@ pub struct ClientConfig {
     /// With a `password`: a connection that has not authenticated within this long is told
     /// so and closed (0: never).
     pub auth_timeout_ms: u64,
+    /// `[client.tls]`: `[node] listen` serves TLS only.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Default `[client] auth_timeout_ms`.
@@ -263,6 +282,7 @@ impl Default for ClientConfig {
             proto_max_bulk_len: ByteSize(512 << 20),
             refuse_commands: DEFAULT_REFUSED.iter().map(|s| s.to_string()).collect(),
             auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
+            tls: None,
         }
     }
 }
@@ -417,6 +437,15 @@ impl Config {
         }
         if self.native() && self.peers.len() > 1 {
             return bad("peers", "native mode runs pairs: exactly one [[peers]] entry".into());
+        }
+        if self.node.plaintext_listen.is_some() && self.client.tls.is_none() {
+            return bad(
+                "node.plaintext_listen",
+                "is a plaintext port beside [client.tls]; without TLS use `listen`".into(),
+            );
+        }
+        if self.node.plaintext_listen == Some(self.node.listen) {
+            return bad("node.plaintext_listen", "must differ from `listen`".into());
         }
         if self.replication.failover_timeout_ms < 100 {
             return bad("replication.failover_timeout_ms", "must be at least 100".into());

@@ -26,3 +26,4 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod slot;
+pub mod tls;

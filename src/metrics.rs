@@ -96,6 +96,8 @@ pub struct CoreMetrics {
     pub clients_accepted: Counter,
     /// Client connections refused (`max_clients`).
     pub clients_rejected: Counter,
+    /// Client connections whose TLS handshake failed or timed out (`[client.tls]`).
+    pub tls_handshake_failures: Counter,
     /// Bytes read from clients.
     pub bytes_in: Counter,
     /// Bytes written to clients.
@@ -115,6 +117,7 @@ impl Default for CoreMetrics {
             latency_sum_us: mk(n),
             clients_accepted: Counter::default(),
             clients_rejected: Counter::default(),
+            tls_handshake_failures: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             upstream: Default::default(),
@@ -233,6 +236,17 @@ pub fn render(cores: &[&CoreMetrics], snap: &Snapshot) -> String {
         "Client connections refused (max_clients).",
     );
     let _ = writeln!(out, "resplica_client_connections_rejected_total {}", sum(cores, |c| c.clients_rejected.get()));
+    family(
+        &mut out,
+        "resplica_client_tls_handshake_failures_total",
+        "counter",
+        "Client connections whose TLS handshake failed or timed out.",
+    );
+    let _ = writeln!(
+        out,
+        "resplica_client_tls_handshake_failures_total {}",
+        sum(cores, |c| c.tls_handshake_failures.get())
+    );
     family(&mut out, "resplica_net_input_bytes_total", "counter", "Bytes read from clients.");
     let _ = writeln!(out, "resplica_net_input_bytes_total {}", sum(cores, |c| c.bytes_in.get()));
     family(&mut out, "resplica_net_output_bytes_total", "counter", "Bytes written to clients.");

@@ -20,7 +20,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use monoio::io::{AsyncWriteRentExt, Splitable};
+use monoio::io::AsyncWriteRentExt;
+
+use super::conn::Conn;
 use monoio::net::TcpListener;
 
 use super::io::read_more;
@@ -55,13 +57,17 @@ pub(crate) async fn serve(core: Rc<Core>, listener: TcpListener) {
         let core = core.clone();
         let open = open.clone();
         monoio::spawn(async move {
-            serve_conn(core, stream).await;
+            let tls = core.shared.tls.admin.clone();
+            match Conn::accept(stream, tls.as_deref(), super::conn::TLS_ACCEPT_TIMEOUT).await {
+                Ok(conn) => serve_conn(core, conn).await,
+                Err(e) => tracing::debug!("admin port: {e}"),
+            }
             open.set(open.get() - 1);
         });
     }
 }
 
-async fn serve_conn(core: Rc<Core>, stream: monoio::net::TcpStream) {
+async fn serve_conn(core: Rc<Core>, stream: Conn) {
     let (mut rd, mut wr) = stream.into_split();
     let mut parser = RequestParser::new(1 << 20);
     let mut buf = BytesMut::with_capacity(4096);
@@ -232,9 +238,9 @@ async fn readiness(core: &Core) -> Result<(), String> {
         };
     }
     // Single node and mirror mode: the local Redis must answer.
-    let cfg = &shared.cfg.redis;
+    let up = &shared.upstream;
     let ping = async {
-        let mut s = connect_redis(cfg, cfg.address, 2, 0).await?;
+        let mut s = connect_redis(up, up.cfg.address, 2, 0).await?;
         let r = roundtrip(&mut s, &[vec![b"PING".to_vec()]], READY_PING_TIMEOUT_MS).await?;
         match r.first() {
             Some(r) if !resp::is_error(r) => Ok(()),
@@ -244,8 +250,8 @@ async fn readiness(core: &Core) -> Result<(), String> {
     };
     match monoio::time::timeout(Duration::from_millis(READY_PING_TIMEOUT_MS), ping).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("the Redis at {} does not answer: {e}", cfg.address)),
-        Err(_) => Err(format!("the Redis at {} did not answer PING in {READY_PING_TIMEOUT_MS} ms", cfg.address)),
+        Ok(Err(e)) => Err(format!("the Redis at {} does not answer: {e}", up.cfg.address)),
+        Err(_) => Err(format!("the Redis at {} did not answer PING in {READY_PING_TIMEOUT_MS} ms", up.cfg.address)),
     }
 }
 

@@ -16,8 +16,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
-use monoio::net::TcpStream;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+
+use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{debug, warn};
 
 use super::io::read_more;
@@ -269,9 +270,8 @@ fn clients_query(client: &Rc<Client>, q: ClientQuery) -> bool {
 }
 
 /// Take a newly accepted connection: enforce `max_clients`, then start its tasks.
-pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
+pub(crate) fn accept(core: &Rc<Core>, stream: Conn, peer: SocketAddr, local: String) {
     let shared = &core.shared;
-    let _ = stream.set_nodelay(true);
     let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
     if n > shared.max_clients.load(Ordering::Relaxed) {
         shared.clients.fetch_sub(1, Ordering::AcqRel);
@@ -285,7 +285,6 @@ pub(crate) fn accept(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     }
     core.metrics.clients_accepted.inc();
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = {
         let env = core.env.borrow();
         Session::new(id, core.idx, &env, peer.to_string(), local)
@@ -366,7 +365,7 @@ struct DedicatedLink {
 
 /// The client's dedicated upstream connection (write side; a task reads the replies).
 struct Dedicated {
-    wr: OwnedWriteHalf<TcpStream>,
+    wr: ConnWriter,
     link: Rc<DedicatedLink>,
     db: u32,
     proto: u8,
@@ -378,7 +377,7 @@ struct Dedicated {
     user: Option<AclUser>,
 }
 
-async fn read_loop(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>) {
+async fn read_loop(client: Rc<Client>, mut rd: ConnReader) {
     let max_bulk = client.core.shared.cfg.client.proto_max_bulk_len.0 as usize;
     let mut parser = RequestParser::new(max_bulk);
     let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -796,7 +795,7 @@ async fn retire_if_other_user(client: &Client, dedicated: &mut Option<Dedicated>
 async fn refused_for(core: &Core, user: &AclUser, cmd: &[&[u8]]) -> Option<bytes::Bytes> {
     let cfg = &core.shared.cfg.redis;
     let addr = core.dedicated_target();
-    let mut conn = match connect_redis_as(cfg, addr, 2, 0, Some(user)).await {
+    let mut conn = match connect_redis_as(&core.shared.upstream, addr, 2, 0, Some(user)).await {
         Ok(c) => c,
         Err(e) => return Some(resp::error(&format!("ERR resplica: cannot check the user's permissions: {e}"))),
     };
@@ -813,17 +812,11 @@ async fn refused_for(core: &Core, user: &AclUser, cmd: &[&[u8]]) -> Option<bytes
 async fn verify_user(core: &Core, user: &AclUser) -> Result<(), bytes::Bytes> {
     let cfg = &core.shared.cfg.redis;
     let addr = core.dedicated_target();
-    let timeout = std::time::Duration::from_millis(cfg.connect_timeout_ms);
-    let mut stream = match monoio::time::timeout(timeout, monoio::net::TcpStream::connect_addr(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let mut stream = match core.shared.upstream.open(addr).await {
+        Ok(s) => s,
+        Err(e) => {
             return Err(resp::error(&format!(
                 "ERR resplica: cannot reach Redis at {addr} to check the credentials: {e}"
-            )))
-        }
-        Err(_) => {
-            return Err(resp::error(&format!(
-                "ERR resplica: Redis at {addr} did not answer in time to check the credentials"
             )))
         }
     };
@@ -870,7 +863,7 @@ async fn connect_spare(
     db: u32,
     user: Option<&AclUser>,
 ) -> Result<WarmConn, String> {
-    let mut stream = connect_redis_as(&core.shared.cfg.redis, addr, proto, db, user).await?;
+    let mut stream = connect_redis_as(&core.shared.upstream, addr, proto, db, user).await?;
     let timeout = core.shared.cfg.redis.connect_timeout_ms;
     let mut cmds = vec![vec![b"CLIENT".to_vec(), b"ID".to_vec()]];
     if core.shared.native.is_some() {
@@ -881,7 +874,7 @@ async fn connect_spare(
     let upstream_id = replies.first().and_then(|r| resp::integer_reply(r)).filter(|&i| i > 0).map(|i| i as u64);
     let run = match replies.get(1) {
         // An ACL user without INFO permission: asked with the proxy's own identity.
-        Some(r) if resp::is_error(r) => super::upstream::run_via_own_identity(&core.shared.cfg.redis, addr).await,
+        Some(r) if resp::is_error(r) => super::upstream::run_via_own_identity(&core.shared.upstream, addr).await,
         Some(r) => super::upstream::run_from_info(r),
         None => 0,
     };
@@ -890,7 +883,7 @@ async fn connect_spare(
 
 /// A connected, authenticated upstream connection not yet given to a client.
 pub(crate) struct WarmConn {
-    stream: TcpStream,
+    stream: Conn,
     /// Redis's id for it (`CLIENT ID`).
     upstream_id: Option<u64>,
     /// Native mode: the run of the Redis it reaches (`route::run_id_hash`; 0: unknown).
@@ -968,7 +961,7 @@ async fn dedicated_stall_watch(link: Rc<DedicatedLink>, limit: std::time::Durati
     }
 }
 
-async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, link: Rc<DedicatedLink>) {
+async fn dedicated_reader(client: Rc<Client>, mut rd: ConnReader, link: Rc<DedicatedLink>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     // Replies waiting for the WAIT behind them.
     let mut held: VecDeque<(u64, bytes::Bytes)> = VecDeque::new();
@@ -1075,7 +1068,7 @@ async fn dedicated_reader(client: Rc<Client>, mut rd: OwnedReadHalf<TcpStream>, 
     }
 }
 
-async fn write_loop(client: Rc<Client>, mut wr: OwnedWriteHalf<TcpStream>) {
+async fn write_loop(client: Rc<Client>, mut wr: ConnWriter) {
     loop {
         let (chunks, total, done) = {
             let mut out = client.out.borrow_mut();

@@ -1,14 +1,14 @@
 //! The connecting side of the peer-link handshake (`peer_auth`), for both pair modes' peer
 //! links: the shared secret never travels.
 
-use monoio::net::TcpStream;
+use super::conn::Conn;
 
 use super::upstream::roundtrip;
 use crate::resp;
 
 /// Authenticate `s` (just connected to peer `peer`) as node `me`.
 pub(crate) async fn authenticate_to_peer(
-    s: &mut TcpStream,
+    s: &mut Conn,
     me: &str,
     peer: &str,
     secret: &str,

@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
-use monoio::net::TcpStream;
+use monoio::io::AsyncWriteRentExt;
+
+use super::conn::{ConnReader, ConnWriter};
 use tracing::{info, warn};
 
 use super::io::read_more;
@@ -420,7 +421,8 @@ impl Lane {
 
 pub(crate) async fn run(lane: Rc<Lane>) {
     let Some(core) = lane.core.upgrade() else { return };
-    let cfg = core.shared.cfg.redis.clone();
+    let up = core.shared.upstream.clone();
+    let cfg = &up.cfg;
     let max_backoff = Duration::from_millis(cfg.reconnect_backoff_max_ms.max(10));
     let mut backoff = Duration::from_millis(10);
     let mut was_up = true;
@@ -430,7 +432,7 @@ pub(crate) async fn run(lane: Rc<Lane>) {
             return;
         }
         let upstream = &core.metrics.upstream[lane.upstream() as usize];
-        match connect_redis_as(&cfg, lane.addr, lane.proto, 0, lane.user.as_ref()).await {
+        match connect_redis_as(&up, lane.addr, lane.proto, 0, lane.user.as_ref()).await {
             Ok(mut stream) => {
                 lane.st.borrow_mut().first_connect = false;
                 upstream.connects.inc();
@@ -441,7 +443,7 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     // Which run of that Redis this connection reaches: writes go only to the
                     // run the control plane compared (a Redis restarted empty must not take
                     // writes before that).
-                    lane.run_id.set(run_of(&cfg, lane.addr, &mut stream).await);
+                    lane.run_id.set(run_of(&up, lane.addr, &mut stream).await);
                 }
                 if !was_up {
                     info!(core = core.idx, proto = lane.proto, "connected to Redis at {}", lane.addr);
@@ -532,7 +534,7 @@ pub(crate) async fn run(lane: Rc<Lane>) {
     }
 }
 
-async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
+async fn read_loop(lane: &Lane, mut rd: ConnReader) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut skim = ReplySkimmer::new();
     loop {
@@ -573,7 +575,7 @@ async fn read_loop(lane: &Lane, mut rd: OwnedReadHalf<TcpStream>) -> String {
     }
 }
 
-async fn write_loop(lane: &Lane, mut wr: OwnedWriteHalf<TcpStream>) -> String {
+async fn write_loop(lane: &Lane, mut wr: ConnWriter) -> String {
     loop {
         let wait = lane.native.as_ref().and_then(|n| n.wait.as_ref().filter(|_| n.route.replica_linked()));
         // Redis blocks this connection in WAIT until the replica answers: a batch sent now

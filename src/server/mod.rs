@@ -9,6 +9,7 @@
 
 mod admin;
 mod client;
+mod conn;
 mod handshake;
 mod io;
 mod lane;
@@ -50,6 +51,10 @@ pub enum StartError {
     /// A runtime thread died.
     #[error("runtime thread {0} failed")]
     ThreadFailed(usize),
+    /// A `*.tls` table cannot be used (a missing or unreadable file, a key that does not
+    /// match its certificate).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The peer's Redis address (`[[peers]] redis`) does not resolve.
     #[error("cannot resolve the peer's Redis address {addr}: {reason}")]
     PeerAddress { addr: String, reason: String },
@@ -72,9 +77,56 @@ pub(crate) enum CoreMsg {
     Reload { password: String, refuse_commands: Vec<String> },
 }
 
+/// The TLS of each listening and connecting link, built at start (None: plaintext). The
+/// Redis links' TLS is in [`upstream::Upstream`].
+#[derive(Default)]
+pub(crate) struct TlsLinks {
+    /// `[client.tls]`, on `[node] listen`.
+    pub client: Option<Arc<crate::tls::ServerTls>>,
+    /// `[node.admin_tls]`.
+    pub admin: Option<Arc<crate::tls::ServerTls>>,
+    /// `[replication.tls]`: accepting the peer's link, and opening ours (the certificate
+    /// checked against the host of `[[peers]] address`).
+    pub peer_accept: Option<Arc<crate::tls::ServerTls>>,
+    pub peer_connect: Option<Arc<crate::tls::ClientTls>>,
+}
+
+impl TlsLinks {
+    fn build(cfg: &Config) -> Result<TlsLinks, crate::tls::TlsError> {
+        use crate::tls;
+        Ok(TlsLinks {
+            client: cfg.client.tls.as_ref().map(|t| tls::server("client.tls", t, false)).transpose()?.map(Arc::new),
+            admin: cfg
+                .node
+                .admin_tls
+                .as_ref()
+                .map(|t| tls::server("node.admin_tls", t, false))
+                .transpose()?
+                .map(Arc::new),
+            peer_accept: cfg
+                .replication
+                .tls
+                .as_ref()
+                .map(|t| tls::server("replication.tls", t, true))
+                .transpose()?
+                .map(Arc::new),
+            peer_connect: cfg
+                .replication
+                .tls
+                .as_ref()
+                .map(|t| tls::client("replication.tls", t))
+                .transpose()?
+                .map(Arc::new),
+        })
+    }
+}
+
 /// State shared by all cores (read-mostly, atomics only).
 pub(crate) struct Shared {
     pub cfg: Config,
+    /// How to reach the Redis (settings and TLS).
+    pub upstream: upstream::Upstream,
+    pub tls: TlsLinks,
     pub clients: AtomicUsize,
     pub next_client_id: AtomicU64,
     pub inboxes: Vec<async_channel::Sender<Vec<CoreMsg>>>,
@@ -276,6 +328,19 @@ impl Server {
             None
         };
         let native = cfg.native().then(|| Arc::new(crate::route::NativeRoute::default()));
+        let tls = TlsLinks::build(&cfg)?;
+        let upstream = upstream::Upstream {
+            cfg: cfg.redis.clone(),
+            tls: cfg.redis.tls.as_ref().map(|t| crate::tls::client("redis.tls", t)).transpose()?.map(Arc::new),
+            names: cfg
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    let addr = std::net::ToSocketAddrs::to_socket_addrs(p.redis.as_str()).ok()?.next()?;
+                    Some((addr, crate::tls::host_of(&p.redis).to_string()))
+                })
+                .collect(),
+        };
         let mut txs = Vec::with_capacity(n);
         let mut rxs = Vec::with_capacity(n);
         for _ in 0..n {
@@ -285,6 +350,8 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             cfg,
+            upstream,
+            tls,
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
             inboxes: txs,
@@ -444,6 +511,16 @@ async fn core_main(
         }
     };
     let cfg = &shared.cfg;
+    // `[node] plaintext_listen`: a plaintext client port beside the TLS one.
+    let plaintext = match cfg.node.plaintext_listen.map(|a| (a, TcpListener::bind_with_config(a, &opts))) {
+        None => None,
+        Some((_, Ok(l))) => Some(l),
+        Some((addr, Err(source))) => {
+            let msg = source.to_string();
+            let _ = ready.send(Err(StartError::Listen { addr, source }));
+            return Err(StartError::Listen { addr, source: std::io::Error::other(msg) });
+        }
+    };
     let env = SessionEnv {
         password: cfg.client.password.clone(),
         refused: crate::session::Refused::new(&cfg.client.refuse_commands),
@@ -530,19 +607,22 @@ async fn core_main(
     let _ = ready.send(Ok(()));
 
     loop {
-        monoio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => client::accept(&core, stream, peer),
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    error!("accept failed: {e}");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+        let (accepted, tls) = monoio::select! {
+            a = listener.accept() => (a, shared.tls.client.clone()),
+            a = accept_on(plaintext.as_ref()) => (a, None),
             _ = core.shutdown.wait() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => accept_client(&core, stream, peer, tls),
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                error!("accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
     drop(listener);
+    drop(plaintext);
     // Graceful stop: every client finishes what is in flight, then closes.
     let clients: Vec<_> = core.clients.borrow().values().filter_map(Weak::upgrade).collect();
     for c in &clients {
@@ -560,6 +640,43 @@ async fn core_main(
         l.stop();
     }
     Ok(())
+}
+
+/// Accept on `listener`, or never when there is none.
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(monoio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection on a client port: plaintext goes straight to the client's tasks; TLS first
+/// completes its handshake on a task of its own, so the accept loop never waits for it.
+fn accept_client(
+    core: &Rc<Core>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+) {
+    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    match tls {
+        None => {
+            let _ = stream.set_nodelay(true);
+            client::accept(core, conn::Conn::Plain(stream), peer, local)
+        }
+        Some(tls) => {
+            let core = core.clone();
+            monoio::spawn(async move {
+                match conn::Conn::accept_tls(stream, &tls, conn::TLS_ACCEPT_TIMEOUT).await {
+                    Ok(c) => client::accept(&core, c, peer, local),
+                    Err(e) => {
+                        core.metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "client TLS: {e}");
+                    }
+                }
+            });
+        }
+    }
 }
 
 async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>) {

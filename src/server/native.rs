@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
-use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use monoio::net::{ListenerOpts, TcpListener};
+
+use super::conn::Conn;
 use tracing::{info, warn};
 
 use super::io::read_more;
@@ -160,16 +162,16 @@ async fn observe_loop(shell: Rc<Shell>, side: Side) {
         Side::Peer => shell.peer_redis,
     };
     let timeout = shell.answer_timeout();
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<Conn> = None;
     let mut last_err = String::new();
     loop {
         if shell.core.shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         if conn.is_none() {
-            let mut c = cfg.redis.clone();
-            c.connect_timeout_ms = timeout;
-            match connect_redis(&c, addr, 2, 0).await {
+            let mut up = shell.core.shared.upstream.clone();
+            up.cfg.connect_timeout_ms = timeout;
+            match connect_redis(&up, addr, 2, 0).await {
                 Ok(mut s) => {
                     if side == Side::Local {
                         // The replication history must outlive a replica's absence (the
@@ -271,15 +273,11 @@ fn record_at(shell: &Shell, side: Side, now: u64, seen: Result<ReplInfo, Unreach
 
 // ---- the peer link ---------------------------------------------------------------------
 
-async fn connect_peer(shell: &Shell, timeout: u64) -> Result<TcpStream, String> {
+async fn connect_peer(shell: &Shell, timeout: u64) -> Result<Conn, String> {
     let addr = resolve(&shell.peer_addr)?;
-    let connect = monoio::time::timeout(Duration::from_millis(timeout), TcpStream::connect_addr(addr));
-    let mut s = match connect.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err("connect timed out".into()),
-    };
-    let _ = s.set_nodelay(true);
+    let host = crate::tls::host_of(&shell.peer_addr);
+    let tls = shell.core.shared.tls.peer_connect.as_deref().map(|t| (t, host));
+    let mut s = Conn::connect(addr, timeout, tls).await?;
     super::handshake::authenticate_to_peer(
         &mut s,
         &shell.core.shared.cfg.node.id,
@@ -301,7 +299,7 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
 /// Send our report every interval; the reply is the peer's.
 async fn heartbeat_loop(shell: Rc<Shell>) {
     let timeout = shell.answer_timeout();
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<Conn> = None;
     let mut last_err = String::new();
     loop {
         if shell.core.shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
@@ -347,9 +345,15 @@ async fn heartbeat_loop(shell: Rc<Shell>) {
 async fn serve_peer(shell: Rc<Shell>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                monoio::spawn(serve_peer_conn(shell.clone(), stream));
+            Ok((stream, from)) => {
+                let shell = shell.clone();
+                monoio::spawn(async move {
+                    let tls = shell.core.shared.tls.peer_accept.clone();
+                    match Conn::accept(stream, tls.as_deref(), super::conn::TLS_ACCEPT_TIMEOUT).await {
+                        Ok(conn) => serve_peer_conn(shell, conn).await,
+                        Err(e) => warn!(%from, "peer link refused: {e}"),
+                    }
+                });
             }
             Err(e) => {
                 warn!("peer accept failed: {e}");
@@ -359,7 +363,7 @@ async fn serve_peer(shell: Rc<Shell>, listener: TcpListener) {
     }
 }
 
-async fn serve_peer_conn(shell: Rc<Shell>, mut stream: TcpStream) {
+async fn serve_peer_conn(shell: Rc<Shell>, mut stream: Conn) {
     // Until it authenticates, a peer is held to Redis's limits for unauthenticated clients.
     let mut parser = RequestParser::new(64 << 20);
     parser.set_unauthenticated(true);
@@ -687,8 +691,9 @@ async fn follow_peer(shell: &Shell) -> Result<(), String> {
 
 /// Run commands on a Redis over a fresh connection; an error reply is an error.
 async fn run_on(shell: &Shell, addr: SocketAddr, cmds: &[Vec<Vec<u8>>]) -> Result<Vec<Bytes>, String> {
-    let cfg = &shell.core.shared.cfg.redis;
-    let mut s = connect_redis(cfg, addr, 2, 0).await?;
+    let up = &shell.core.shared.upstream;
+    let cfg = &up.cfg;
+    let mut s = connect_redis(up, addr, 2, 0).await?;
     let replies = roundtrip(&mut s, cmds, cfg.request_timeout_ms).await?;
     if let Some(e) = replies.iter().find(|r| resp::is_error(r)) {
         return Err(String::from_utf8_lossy(e).trim().to_string());
@@ -699,7 +704,7 @@ async fn run_on(shell: &Shell, addr: SocketAddr, cmds: &[Vec<Vec<u8>>]) -> Resul
 // ---- partition merge --------------------------------------------------------------------
 
 /// Fails unless the Redis on `conn` is the run `want` (its `INFO server` run_id).
-async fn same_run(conn: &mut TcpStream, want: &str, timeout: u64) -> Result<(), String> {
+async fn same_run(conn: &mut Conn, want: &str, timeout: u64) -> Result<(), String> {
     let info = roundtrip(conn, &[vec![b"INFO".to_vec(), b"server".to_vec()]], timeout).await?;
     let text = String::from_utf8_lossy(info.first().map(|b| &b[..]).unwrap_or(b""));
     let run = crate::replication::reply::info_field(&text, "run_id").unwrap_or("");
@@ -760,9 +765,9 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool, peer_run: &str) -> Result<(),
             copy.push(k);
         }
     }
-    let cfg = &shell.core.shared.cfg.redis;
-    let mut src = connect_redis(cfg, shell.local_redis, 2, 0).await?;
-    let mut dst = connect_redis(cfg, shell.peer_redis, 2, 0).await?;
+    let up = &shell.core.shared.upstream;
+    let mut src = connect_redis(up, shell.local_redis, 2, 0).await?;
+    let mut dst = connect_redis(up, shell.peer_redis, 2, 0).await?;
     // Only into the run the decision was made on (a restarted one may hold anything).
     same_run(&mut dst, peer_run, timeout).await?;
     let mut kept_theirs = 0u64;
@@ -836,9 +841,10 @@ async fn merge(shell: &Rc<Shell>, overwrite: bool, peer_run: &str) -> Result<(),
 
 /// Every key of every database of the local Redis (a merge whose recorded set overflowed).
 async fn all_keys(shell: &Shell) -> Result<Vec<(u32, Bytes)>, String> {
-    let cfg = &shell.core.shared.cfg.redis;
+    let up = &shell.core.shared.upstream;
+    let cfg = &up.cfg;
     let timeout = cfg.request_timeout_ms;
-    let mut s = connect_redis(cfg, shell.local_redis, 2, 0).await?;
+    let mut s = connect_redis(up, shell.local_redis, 2, 0).await?;
     let info = roundtrip(&mut s, &[vec![b"INFO".to_vec(), b"keyspace".to_vec()]], timeout).await?;
     let text = info.first().map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
     let dbs: Vec<u32> = text

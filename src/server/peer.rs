@@ -18,8 +18,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRentExt, Splitable};
-use monoio::net::{TcpListener, TcpStream};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpListener;
+
+use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{debug, info, warn};
 
 use super::io::read_more;
@@ -92,8 +94,14 @@ pub(crate) async fn serve(repl: Rc<Repl>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
-                let _ = stream.set_nodelay(true);
-                monoio::spawn(serve_conn(repl.clone(), stream, addr.to_string()));
+                let repl = repl.clone();
+                monoio::spawn(async move {
+                    let tls = repl.core.shared.tls.peer_accept.clone();
+                    match Conn::accept(stream, tls.as_deref(), super::conn::TLS_ACCEPT_TIMEOUT).await {
+                        Ok(conn) => serve_conn(repl, conn, addr.to_string()).await,
+                        Err(e) => warn!(from = %addr, "peer link refused: {e}"),
+                    }
+                });
             }
             Err(e) => {
                 warn!("peer accept failed: {e}");
@@ -103,7 +111,7 @@ pub(crate) async fn serve(repl: Rc<Repl>, listener: TcpListener) {
     }
 }
 
-async fn serve_conn(repl: Rc<Repl>, stream: TcpStream, addr: String) {
+async fn serve_conn(repl: Rc<Repl>, stream: Conn, addr: String) {
     let conn = Rc::new(PeerConn {
         out: RefCell::new(BytesMut::new()),
         wake: Signal::default(),
@@ -358,7 +366,7 @@ pub(crate) async fn run_link(repl: Rc<Repl>, link: Rc<PeerLink>) {
     }
 }
 
-async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<TcpStream, String> {
+async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<Conn, String> {
     use std::net::ToSocketAddrs;
     let addr = link
         .addr
@@ -367,12 +375,8 @@ async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<TcpStream, String>
         .next()
         .ok_or_else(|| format!("{} resolves to nothing", link.addr))?;
     let timeout = Duration::from_millis(repl.heartbeat_ms() * 2);
-    let mut stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err("connect timed out".into()),
-    };
-    let _ = stream.set_nodelay(true);
+    let tls = repl.core.shared.tls.peer_connect.as_deref().map(|t| (t, crate::tls::host_of(&link.addr)));
+    let mut stream = Conn::connect(addr, timeout.as_millis() as u64, tls).await?;
     super::handshake::authenticate_to_peer(
         &mut stream,
         repl.node_id(),
@@ -384,7 +388,7 @@ async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<TcpStream, String>
     Ok(stream)
 }
 
-async fn link_writer(link: &PeerLink, mut wr: monoio::io::OwnedWriteHalf<TcpStream>) -> String {
+async fn link_writer(link: &PeerLink, mut wr: ConnWriter) -> String {
     loop {
         let chunk = std::mem::take(&mut *link.out.borrow_mut());
         if chunk.is_empty() {
@@ -397,7 +401,7 @@ async fn link_writer(link: &PeerLink, mut wr: monoio::io::OwnedWriteHalf<TcpStre
     }
 }
 
-async fn link_reader(repl: &Rc<Repl>, link: &PeerLink, mut rd: monoio::io::OwnedReadHalf<TcpStream>) -> String {
+async fn link_reader(repl: &Rc<Repl>, link: &PeerLink, mut rd: ConnReader) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut skim = ReplySkimmer::new();
     loop {

@@ -17,8 +17,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRentExt, Splitable};
-use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::{ListenerOpts, TcpListener};
+
+use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{info, warn};
 
 use super::io::read_more;
@@ -64,7 +66,7 @@ pub(crate) struct Held {
 
 /// Core 0's replication state.
 pub(crate) struct Repl {
-    core: Rc<Core>,
+    pub(crate) core: Rc<Core>,
     started_ms: u64,
     /// Every decision (roles, routing, reference copy, stream freshness, local reads).
     ctl: RefCell<MirrorControl>,
@@ -712,10 +714,11 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{addr}: no address"))
 }
 
-async fn open_redis(repl: &Repl, addr: &str) -> Result<(TcpStream, String), String> {
-    let cfg = &repl.core.shared.cfg.redis;
+async fn open_redis(repl: &Repl, addr: &str) -> Result<(Conn, String), String> {
+    let up = &repl.core.shared.upstream;
+    let cfg = &up.cfg;
     let sock = resolve(addr)?;
-    let mut s = connect_redis(cfg, sock, 2, 0).await?;
+    let mut s = connect_redis(up, sock, 2, 0).await?;
     let info = roundtrip(&mut s, &[vec![b"INFO".to_vec(), b"server".to_vec()]], cfg.connect_timeout_ms).await?;
     let text = String::from_utf8_lossy(&info[0]);
     let run_id = crate::replication::reply::info_field(&text, "run_id").unwrap_or("").to_string();
@@ -767,13 +770,7 @@ async fn stream_task(repl: Rc<Repl>, s: usize, gen: u64, addr: String, wake: Rc<
     }
 }
 
-async fn stream_writer(
-    repl: &Repl,
-    s: usize,
-    gen: u64,
-    mut wr: monoio::io::OwnedWriteHalf<TcpStream>,
-    wake: &Signal,
-) -> String {
+async fn stream_writer(repl: &Repl, s: usize, gen: u64, mut wr: ConnWriter, wake: &Signal) -> String {
     loop {
         if repl.gen.get() != gen {
             return "no longer the writer".into();
@@ -794,13 +791,7 @@ async fn stream_writer(
     }
 }
 
-async fn stream_reader(
-    repl: &Repl,
-    s: usize,
-    gen: u64,
-    mut rd: monoio::io::OwnedReadHalf<TcpStream>,
-    seen: &Cell<u64>,
-) -> String {
+async fn stream_reader(repl: &Repl, s: usize, gen: u64, mut rd: ConnReader, seen: &Cell<u64>) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut skim = ReplySkimmer::new();
     loop {

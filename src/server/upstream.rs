@@ -4,35 +4,65 @@
 //! and the admin port; it knows nothing of them.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 
+use super::conn::Conn;
 use super::io::read_more;
 use super::Core;
+use crate::config::RedisConfig;
 use crate::resp::{self, ReplySkimmer};
 use crate::session::AclUser;
+use crate::tls::ClientTls;
+
+/// How to reach a Redis of this node or its pair: the `[redis]` settings (every Redis of a
+/// pair uses the same credentials and TLS) and the TLS built from them.
+#[derive(Clone)]
+pub(crate) struct Upstream {
+    pub cfg: RedisConfig,
+    pub tls: Option<Arc<ClientTls>>,
+    /// The peers' Redis and the host names their certificates are checked against
+    /// (`[[peers]] redis` may be a DNS name; any other Redis is checked by its IP address).
+    pub names: Vec<(SocketAddr, String)>,
+}
+
+impl Upstream {
+    /// The name `addr`'s certificate must carry.
+    fn host_for(&self, addr: SocketAddr) -> String {
+        match self.names.iter().find(|(a, _)| *a == addr) {
+            Some((_, host)) => host.clone(),
+            None => addr.ip().to_string(),
+        }
+    }
+
+    /// A TCP (or TLS) connection to `addr`, nothing sent yet.
+    pub(crate) async fn open(&self, addr: SocketAddr) -> Result<Conn, String> {
+        let host = self.host_for(addr);
+        Conn::connect(addr, self.cfg.connect_timeout_ms, self.tls.as_deref().map(|t| (t, host.as_str()))).await
+    }
+}
 
 /// Native mode: which run of the Redis at `addr` `stream` reaches (`route::run_id_hash` of its
 /// `run_id`; 0 when unknown). An ACL user without `INFO` permission asks over a connection
 /// of the proxy's own identity to the same address (a Redis restart in between would have
 /// closed `stream` too).
-pub(crate) async fn run_of(cfg: &crate::config::RedisConfig, addr: SocketAddr, stream: &mut TcpStream) -> u64 {
+pub(crate) async fn run_of(up: &Upstream, addr: SocketAddr, stream: &mut Conn) -> u64 {
     let info_cmd = [vec![b"INFO".to_vec(), b"server".to_vec()]];
-    match roundtrip(stream, &info_cmd, cfg.connect_timeout_ms).await.ok().and_then(|r| r.into_iter().next()) {
-        Some(r) if resp::is_error(&r) => run_via_own_identity(cfg, addr).await,
+    match roundtrip(stream, &info_cmd, up.cfg.connect_timeout_ms).await.ok().and_then(|r| r.into_iter().next()) {
+        Some(r) if resp::is_error(&r) => run_via_own_identity(up, addr).await,
         Some(r) => run_from_info(&r),
         None => 0,
     }
 }
 
 /// [`run_of`] over a connection of the proxy's own identity.
-pub(crate) async fn run_via_own_identity(cfg: &crate::config::RedisConfig, addr: SocketAddr) -> u64 {
+pub(crate) async fn run_via_own_identity(up: &Upstream, addr: SocketAddr) -> u64 {
     let info_cmd = [vec![b"INFO".to_vec(), b"server".to_vec()]];
-    let Ok(mut own) = connect_redis(cfg, addr, 2, 0).await else { return 0 };
-    match roundtrip(&mut own, &info_cmd, cfg.connect_timeout_ms).await.ok().and_then(|r| r.into_iter().next()) {
+    let Ok(mut own) = connect_redis(up, addr, 2, 0).await else { return 0 };
+    match roundtrip(&mut own, &info_cmd, up.cfg.connect_timeout_ms).await.ok().and_then(|r| r.into_iter().next()) {
         Some(r) => run_from_info(&r),
         None => 0,
     }
@@ -45,37 +75,27 @@ pub(crate) fn run_from_info(reply: &[u8]) -> u64 {
 }
 
 /// Connect, authenticate and prepare a connection to the local Redis in protocol `proto`.
-pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<TcpStream, String> {
-    connect_redis(&core.shared.cfg.redis, core.shared.cfg.redis.address, proto, db).await
+pub(crate) async fn connect_upstream(core: &Core, proto: u8, db: u32) -> Result<Conn, String> {
+    connect_redis(&core.shared.upstream, core.shared.cfg.redis.address, proto, db).await
 }
 
 /// Connect to the Redis at `addr` with the `[redis]` credentials (every Redis of a pair
 /// uses the same ones), in protocol `proto` and database `db`.
-pub(crate) async fn connect_redis(
-    cfg: &crate::config::RedisConfig,
-    addr: std::net::SocketAddr,
-    proto: u8,
-    db: u32,
-) -> Result<TcpStream, String> {
-    connect_redis_as(cfg, addr, proto, db, None).await
+pub(crate) async fn connect_redis(up: &Upstream, addr: SocketAddr, proto: u8, db: u32) -> Result<Conn, String> {
+    connect_redis_as(up, addr, proto, db, None).await
 }
 
 /// [`connect_redis`], authenticating as Redis ACL user `user` when given (its `AUTH` error,
 /// e.g. WRONGPASS, is the error).
 pub(crate) async fn connect_redis_as(
-    cfg: &crate::config::RedisConfig,
-    addr: std::net::SocketAddr,
+    up: &Upstream,
+    addr: SocketAddr,
     proto: u8,
     db: u32,
     user: Option<&AclUser>,
-) -> Result<TcpStream, String> {
-    let connect = monoio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), TcpStream::connect_addr(addr));
-    let mut stream = match connect.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err(format!("connect timed out after {} ms", cfg.connect_timeout_ms)),
-    };
-    let _ = stream.set_nodelay(true);
+) -> Result<Conn, String> {
+    let cfg = &up.cfg;
+    let mut stream = up.open(addr).await?;
     let mut setup: Vec<Vec<Vec<u8>>> = Vec::new();
     if let Some(u) = user {
         setup.push(vec![b"AUTH".to_vec(), u.name.to_vec(), u.pass.to_vec()]);
@@ -106,11 +126,7 @@ pub(crate) async fn connect_redis_as(
 }
 
 /// Send commands and read one reply each, with a deadline.
-pub(crate) async fn roundtrip(
-    stream: &mut TcpStream,
-    cmds: &[Vec<Vec<u8>>],
-    timeout_ms: u64,
-) -> Result<Vec<Bytes>, String> {
+pub(crate) async fn roundtrip(stream: &mut Conn, cmds: &[Vec<Vec<u8>>], timeout_ms: u64) -> Result<Vec<Bytes>, String> {
     let mut out = BytesMut::new();
     for c in cmds {
         out.extend_from_slice(&crate::resp::Request::from_args(c).frame);
