@@ -21,6 +21,7 @@ use resplica::resp::ReplySkimmer;
 
 pub mod native;
 pub mod pair;
+pub mod tls;
 
 /// How long a process may take to become ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -460,7 +461,22 @@ impl Proxy {
         p
     }
 
+    /// [`Proxy::with_config`] for a TLS client port: readiness is probed on the plaintext
+    /// port the TOML gives as `[node] plaintext_listen = "127.0.0.1:<probe_port>"`.
+    pub fn with_tls_config(toml: &str, probe_port: u16) -> Proxy {
+        resplica::config::Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+        let path = temp_path("resplica", "toml");
+        std::fs::write(&path, toml).expect("write config");
+        let mut p = Proxy::launch_probing(vec!["--config".into(), path.display().to_string()], None, Some(probe_port));
+        p.config = Some(path);
+        p
+    }
+
     fn launch(args: Vec<String>, password: Option<String>) -> Proxy {
+        Proxy::launch_probing(args, password, None)
+    }
+
+    fn launch_probing(args: Vec<String>, password: Option<String>, probe_port: Option<u16>) -> Proxy {
         let mut last = String::new();
         for _ in 0..3 {
             let port = free_port();
@@ -476,7 +492,7 @@ impl Proxy {
                 .spawn()
                 .expect("spawn resplica");
             let mut p = Proxy { port, child: Some(child), log, config: None, password: password.clone() };
-            match p.wait_ready() {
+            match p.wait_ready(probe_port.unwrap_or(port)) {
                 Ok(()) => return p,
                 Err(e) => {
                     last = format!("{e}\nargs: {args:?}\nlog:\n{}", p.log_text());
@@ -489,8 +505,7 @@ impl Proxy {
 
     /// Ready = the listener answers, and forwarded commands work on fresh connections in both
     /// protocols (the shared upstream connections of the cores are up).
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let port = self.port;
+    fn wait_ready(&mut self, port: u16) -> Result<(), String> {
         let pw = self.password.clone();
         let mut streak = 0;
         let mut exited = None;

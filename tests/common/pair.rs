@@ -585,6 +585,8 @@ pub struct PairOpts {
     /// Both Redis require this password (`requirepass`), given to the sidecars as
     /// `[redis] password`.
     pub redis_password: Option<String>,
+    /// TOML appended to both nodes' configuration (e.g. a `[replication.tls]` table).
+    pub extra_toml: String,
 }
 
 impl Default for PairOpts {
@@ -602,6 +604,7 @@ impl Default for PairOpts {
             drain_ms: 0,
             min_replicas_to_write: 0,
             redis_password: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -675,7 +678,8 @@ fn node_toml(
          failover_timeout_ms = {}\n\
          min_replicas_to_write = {}\n\
          backlog_bytes = \"{}\"\n\
-         secret = \"{}\"\n",
+         secret = \"{}\"\n\
+         {}",
         me.client,
         me.peer,
         me.admin,
@@ -687,7 +691,8 @@ fn node_toml(
         opts.failover_timeout_ms,
         opts.min_replicas_to_write,
         opts.backlog_bytes,
-        secret
+        secret,
+        opts.extra_toml
     )
 }
 
