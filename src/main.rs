@@ -56,33 +56,53 @@ enum Command {
     /// Print a running node's replication status (role, epoch, each replica's state,
     /// backlog and lag) from its admin port.
     Status {
-        /// The node's admin_listen address.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
-        admin: String,
-        /// A file holding the admin token ([node] admin_token); default: $RESPLICA_ADMIN_TOKEN.
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Native mode: stop waiting for a Redis that cannot be reached and serve from the one
     /// that can (writes only the unreachable copy held are lost unless it returns). For when
     /// the status says writes wait for a copy you know is gone.
     Takeover {
-        /// The node's admin_listen address.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
-        admin: String,
-        /// A file holding the admin token ([node] admin_token); default: $RESPLICA_ADMIN_TOKEN.
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
+
+/// How to reach a node's admin port.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The node's admin_listen address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7382")]
+    admin: String,
+    /// A file holding the admin token ([node] admin_token); default: $RESPLICA_ADMIN_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<String>,
+    /// The admin port serves TLS ([node.admin_tls]): verify it with this CA file.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<String>,
+    /// With --tls-ca: the client certificate to show (when the port verifies clients).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// The key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<String>,
+    /// With --tls-ca: the name the port's certificate carries (default: the host of --admin).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+}
+
+/// A byte stream to the admin port (TCP or TLS).
+trait AdminStream: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> AdminStream for T {}
 
 /// `resplica status|takeover --admin ADDR`: `RESPLICA <subcommand>` over the admin port
 /// (after `AUTH <token>` when a token is given: `--token-file`, or `RESPLICA_ADMIN_TOKEN`);
 /// the answer is printed as text (an error answer is the command's error).
-fn admin_command(admin: &str, subcommand: &str, token_file: Option<&str>) -> anyhow::Result<()> {
+fn admin_command(args: &AdminArgs, subcommand: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::net::ToSocketAddrs;
-    let token = match token_file {
+    let admin = args.admin.as_str();
+    let token = match args.token_file.as_deref() {
         Some(f) => Some(
             std::fs::read_to_string(f).with_context(|| format!("cannot read the token file {f}"))?.trim().to_string(),
         ),
@@ -94,23 +114,37 @@ fn admin_command(admin: &str, subcommand: &str, token_file: Option<&str>) -> any
         .next()
         .with_context(|| format!("{admin} resolves to nothing"))?;
     let timeout = std::time::Duration::from_secs(3);
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot reach {admin}"))?;
-    s.set_read_timeout(Some(timeout))?;
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot reach {admin}"))?;
+    tcp.set_read_timeout(Some(timeout))?;
+    let mut s: Box<dyn AdminStream> = match &args.tls_ca {
+        None => Box::new(tcp),
+        Some(ca) => {
+            let cfg = resplica::tls::TlsConfig {
+                ca_file: ca.clone(),
+                cert_file: args.tls_cert.clone().unwrap_or_default(),
+                key_file: args.tls_key.clone().unwrap_or_default(),
+                server_name: args.tls_server_name.clone().unwrap_or_default(),
+                verify_clients: None,
+            };
+            let tls = resplica::tls::client("admin", &cfg)?;
+            let name = tls.server_name(resplica::tls::host_of(admin))?;
+            let conn = rustls::ClientConnection::new(tls.current(std::time::Instant::now()), name)?;
+            Box::new(rustls::StreamOwned::new(conn, tcp))
+        }
+    };
     let mut buf = Vec::new();
     if let Some(t) = token {
         s.write_all(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{t}\r\n", t.len()).as_bytes())?;
-        read_admin_reply(&mut s, &mut buf, admin)?;
+        read_admin_reply(&mut *s, &mut buf, admin)?;
     }
     s.write_all(format!("*2\r\n$8\r\nRESPLICA\r\n${}\r\n{subcommand}\r\n", subcommand.len()).as_bytes())?;
-    print!("{}", read_admin_reply(&mut s, &mut buf, admin)?);
+    print!("{}", read_admin_reply(&mut *s, &mut buf, admin)?);
     Ok(())
 }
 
 /// One simple-string or bulk reply from the admin port (its text); an error reply is an
 /// error.
-fn read_admin_reply(s: &mut std::net::TcpStream, buf: &mut Vec<u8>, admin: &str) -> anyhow::Result<String> {
-    use std::io::Read;
+fn read_admin_reply(s: &mut dyn AdminStream, buf: &mut Vec<u8>, admin: &str) -> anyhow::Result<String> {
     let mut chunk = [0u8; 8192];
     loop {
         if let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
@@ -202,10 +236,8 @@ type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
 fn run(cli: Cli, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
     match &cli.command {
-        Some(Command::Status { admin, token_file }) => return admin_command(admin, "STATUS", token_file.as_deref()),
-        Some(Command::Takeover { admin, token_file }) => {
-            return admin_command(admin, "TAKEOVER", token_file.as_deref())
-        }
+        Some(Command::Status { admin }) => return admin_command(admin, "STATUS"),
+        Some(Command::Takeover { admin }) => return admin_command(admin, "TAKEOVER"),
         None => {}
     }
     let cfg = load(&cli)?;

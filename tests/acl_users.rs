@@ -182,6 +182,29 @@ fn acl_users_through_a_native_pair() {
     assert!(ok, "both writes replicated to b's Redis");
 }
 
+/// Redis replicates no ACL rule: a native pair compares both Redis's users at start and
+/// says which differ, in the status and the log.
+#[test]
+fn a_native_pair_names_acl_users_only_one_redis_holds() {
+    use common::native::{native, status_of, wait_formed, FORM_TIMEOUT};
+    use common::pair::Pair;
+    let mut pair = Pair::prepare(native("all"));
+    add_narrow_user(&mut pair.a.redis.conn());
+    add_user(&mut pair.b.redis.conn(), "ops", "opspass", "~*");
+    pair.a.spawn_proxy();
+    pair.b.spawn_proxy();
+    for n in [&mut pair.a, &mut pair.b] {
+        n.wait_proxy_ready(Duration::from_secs(10)).unwrap();
+    }
+    wait_formed(&pair, "a", FORM_TIMEOUT);
+    let shown = |port: u16| status_of(port).map(|st| st.get("acl_users").to_string()).unwrap_or_default();
+    let ok = wait_until(Duration::from_secs(10), || {
+        shown(pair.a.port) == "differ users=narrow,ops" && shown(pair.b.port) == "differ users=narrow,ops"
+    });
+    assert!(ok, "status: {} / {}", shown(pair.a.port), shown(pair.b.port));
+    assert!(pair.a.log_text().contains("different ACL users"), "{}", pair.a.log_text());
+}
+
 /// Mirror mode cannot apply a user's permissions to the sequencer's writes: it refuses ACL
 /// users with a clear error, and the client stays the default user.
 #[test]

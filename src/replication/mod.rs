@@ -8,10 +8,12 @@
 //!   the reference copy on a role change, replica-stream freshness and rebuilds, local reads.
 //! - [`native`]: native mode's control plane (Redis's own replication, steered): roles from
 //!   evidence, failover, routing, partition recording and merge decisions.
+//! - [`acl`]: native mode: whether both Redis hold the same ACL users.
 //! - [`reply`]: the reply shapes the above look inside.
 //!
 //! The runtime shell (`server::replica`, `server::peer`) feeds these with sockets and time.
 
+pub mod acl;
 pub mod effects;
 pub mod membership;
 pub mod mirror;

@@ -56,6 +56,8 @@ pub(crate) struct Shell {
     last_writes: Cell<Option<Side>>,
     /// When the replica last held everything the primary did (status: replica_lag_ms).
     caught_up_at: Cell<u64>,
+    /// Whether both Redis hold the same ACL users (status: acl_users).
+    acl: RefCell<crate::replication::acl::AclCheck>,
 }
 
 impl Shell {
@@ -127,6 +129,7 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
         merging: Cell::new(false),
         last_writes: Cell::new(None),
         caught_up_at: Cell::new(0),
+        acl: RefCell::new(Default::default()),
     });
     *core.native_shell.borrow_mut() = Some(shell.clone());
     monoio::spawn(serve_peer(shell.clone(), listener));
@@ -134,6 +137,7 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
     monoio::spawn(observe_loop(shell.clone(), Side::Peer));
     monoio::spawn(heartbeat_loop(shell.clone()));
     monoio::spawn(decide_loop(shell.clone()));
+    monoio::spawn(acl_watch(shell.clone()));
     info!(
         node = %cfg.node.id,
         priority = cfg.node.priority,
@@ -145,6 +149,75 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
 }
 
 // ---- observing both Redis ----------------------------------------------------------------
+
+/// How often both Redis's ACL users are compared once they first could be.
+const ACL_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Compare both Redis's `ACL LIST` at start and every [`ACL_CHECK_INTERVAL`]: Redis
+/// replicates no ACL rule, so a user on one Redis only is refused by the other after a
+/// failover. Logged when the finding changes; shown in the status as `acl_users`.
+async fn acl_watch(shell: Rc<Shell>) {
+    use crate::replication::acl::{compare, AclCheck};
+    let list = [vec![b"ACL".to_vec(), b"LIST".to_vec()]];
+    loop {
+        if shell.core.shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let up = &shell.core.shared.upstream;
+        let timeout = up.cfg.connect_timeout_ms;
+        let mut lists = Vec::new();
+        let mut found = None;
+        for addr in [shell.local_redis, shell.peer_redis] {
+            let reply = match connect_redis(up, addr, 2, 0).await {
+                Ok(mut c) => roundtrip(&mut c, &list, timeout).await.ok().and_then(|r| r.into_iter().next()),
+                Err(_) => None,
+            };
+            match reply {
+                None => break,
+                Some(r) if resp::is_error(&r) => {
+                    found = Some(AclCheck::Unknown(format!("ACL LIST: {}", String::from_utf8_lossy(&r).trim())));
+                    break;
+                }
+                Some(r) => lists.push(
+                    crate::replication::reply::elements(&r)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|e| crate::replication::reply::bulk(e))
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        if let [a, b] = &lists[..] {
+            found = Some(compare(a, b));
+        }
+        let wait = match found {
+            None => shell.poll,
+            Some(now) => {
+                let before = shell.acl.replace(now.clone());
+                if before != now {
+                    match &now {
+                        AclCheck::Differ(names) => warn!(
+                            users = %names.join(","),
+                            "the two Redis hold different ACL users (Redis does not replicate them): \
+                             after a failover these users get other permissions or WRONGPASS; \
+                             run ACL SETUSER on both Redis, or load one aclfile on both"
+                        ),
+                        AclCheck::Unknown(why) => {
+                            warn!("cannot compare the two Redis's ACL users: {why}")
+                        }
+                        AclCheck::Same if before != AclCheck::Pending => {
+                            info!("both Redis hold the same ACL users again")
+                        }
+                        _ => {}
+                    }
+                }
+                ACL_CHECK_INTERVAL
+            }
+        };
+        monoio::time::sleep(wait).await;
+    }
+}
 
 fn classify(err: &str) -> Unreachable {
     if err.contains("timed out") || err.contains("did not answer") {
@@ -526,6 +599,7 @@ impl Shell {
         let _ = writeln!(s, "reads_local:{}", route.reads_local as u8);
         let link = if node.peer_heard_within(now, cfg.replication.failover_timeout_ms) { "up" } else { "down" };
         let _ = writeln!(s, "peer:{} link={link}", self.peer_id);
+        let _ = writeln!(s, "acl_users:{}", self.acl.borrow().show());
         let show = |name: &str, addr: SocketAddr, i: Option<&ReplInfo>| match i {
             Some(i) => format!(
                 "redis:{name} addr={addr} state=up role={} link={} offset={} replid={} keys={}",
