@@ -242,6 +242,7 @@ fn run(cli: Cli, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
     }
     let cfg = load(&cli)?;
     if cli.check {
+        resplica::server::check_tls(&cfg).context("bad configuration")?;
         println!("configuration OK");
         return Ok(());
     }

@@ -22,7 +22,7 @@ use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{debug, warn};
 
 use super::io::read_more;
-use super::lane::Sink;
+use super::sink::{ReplyTarget, Sink};
 use super::stall::{tick_for, StallClock};
 use super::upstream::{connect_redis_as, roundtrip};
 use super::{Core, CoreMsg, Signal};
@@ -73,6 +73,12 @@ pub(crate) struct Client {
     dead_signal: Signal,
     /// The request being handled (metrics): its first reply slot takes it.
     stamp: Cell<Option<(u16, Instant)>>,
+}
+
+impl ReplyTarget for Client {
+    fn deliver(&self, seq: u64, reply: bytes::Bytes) {
+        self.fill(seq, reply)
+    }
 }
 
 impl Client {
@@ -606,7 +612,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
     let core = &client.core;
     if let Some(lane) = user_lane(client, &f) {
         let seq = client.push_pending(Some(f.tag), f.discard);
-        if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq), f.write) {
+        if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::To(client.clone(), seq), f.write) {
             client.fill(seq, reply);
         }
         return;
@@ -620,7 +626,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
                 // Pair mode: the local Redis is down; the writer's replicas serve the read.
                 core.shared.local_in_sync.store(false, std::sync::atomic::Ordering::Relaxed);
                 send_writer(client, seq, f.db, proto, f.frame);
-            } else if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq), f.write) {
+            } else if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::To(client.clone(), seq), f.write) {
                 client.fill(seq, reply);
             }
         }
@@ -628,7 +634,7 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let proto = client.session.borrow().proto;
             let seq = client.push_pending(Some(f.tag), f.discard);
             let lane = core.peer_lane(proto);
-            if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::Local(client.clone(), seq), f.write) {
+            if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::To(client.clone(), seq), f.write) {
                 client.fill(seq, reply);
             }
         }
@@ -837,7 +843,7 @@ fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, frame: bytes::
     if core.idx == 0 {
         let repl = core.repl.borrow().clone();
         match repl {
-            Some(r) => r.submit_client(Sink::Local(client.clone(), seq), client.id, db, proto, frame),
+            Some(r) => r.submit_client(Sink::To(client.clone(), seq), client.id, db, proto, frame),
             None => client.fill(seq, resp::error("ERR resplica: this node has no peers")),
         }
     } else {

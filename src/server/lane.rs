@@ -28,9 +28,10 @@ use super::conn::{ConnReader, ConnWriter};
 use tracing::{info, warn};
 
 use super::io::read_more;
+use super::sink::{deliver_to, Sink};
 use super::stall::{tick_for, StallClock};
 use super::upstream::{connect_redis_as, connect_upstream, roundtrip, run_of};
-use super::{Core, CoreMsg, Signal};
+use super::{Core, Signal};
 use crate::replication::native::Side;
 use crate::resp::{self, ReplySkimmer};
 use crate::route::NativeRoute;
@@ -39,28 +40,6 @@ use crate::session::AclUser;
 /// Frames larger than this are written as their own buffer instead of being copied into the
 /// coalescing buffer.
 const COPY_LIMIT: usize = 16 * 1024;
-
-/// Where a reply goes.
-pub(crate) enum Sink {
-    /// Nobody: a SELECT the lane inserted itself.
-    Discard,
-    /// A client of this core.
-    Local(Rc<super::client::Client>, u64),
-    /// A client of another core (the request hopped here to its sequencer).
-    Remote { core: usize, client: u64, seq: u64 },
-    /// A request a peer sidecar forwarded to this writer, answered under its tag.
-    Peer(Rc<super::peer::PeerConn>, u64),
-}
-
-/// Hand a reply to whoever waits for it.
-pub(crate) fn deliver_to(core: &Core, sink: Sink, reply: Bytes) {
-    match sink {
-        Sink::Discard => {}
-        Sink::Local(client, seq) => client.fill(seq, reply),
-        Sink::Remote { core: dest, client, seq } => core.send(dest, CoreMsg::Reply { client, seq, reply }),
-        Sink::Peer(conn, tag) => conn.reply(tag, &reply),
-    }
-}
 
 /// A write's database and frame (its keys are recorded if its WAIT is not confirmed).
 pub(crate) type Write = (u32, Bytes);

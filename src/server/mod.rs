@@ -17,6 +17,7 @@ mod native;
 mod peer;
 mod replica;
 mod signal;
+mod sink;
 mod stall;
 mod upstream;
 
@@ -119,6 +120,16 @@ impl TlsLinks {
                 .map(Arc::new),
         })
     }
+}
+
+/// Build every TLS configuration `cfg` names, as the server would at start (`--check`):
+/// missing or unreadable files, keys that do not match, unusable CAs are errors.
+pub fn check_tls(cfg: &Config) -> Result<(), crate::tls::TlsError> {
+    TlsLinks::build(cfg)?;
+    if let Some(t) = &cfg.redis.tls {
+        crate::tls::client("redis.tls", t)?;
+    }
+    Ok(())
 }
 
 /// State shared by all cores (read-mostly, atomics only).
@@ -684,7 +695,7 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
         for msg in batch {
             match msg {
                 CoreMsg::Request { from, client, seq, db, proto, frame, writer: true } => {
-                    let sink = lane::Sink::Remote { core: from, client, seq };
+                    let sink = sink::Sink::Remote { core: from, client, seq };
                     let repl = core.repl.borrow().clone();
                     match repl {
                         Some(r) => r.submit_client(sink, client, db, proto, frame),
@@ -699,7 +710,7 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
                     }
                 }
                 CoreMsg::Request { from, client, seq, db, proto, frame, writer: false } => {
-                    let sink = lane::Sink::Remote { core: from, client, seq };
+                    let sink = sink::Sink::Remote { core: from, client, seq };
                     if let Err(reply) = core.lane(proto).enqueue(db, frame, sink, false) {
                         core.send(from, CoreMsg::Reply { client, seq, reply });
                     }

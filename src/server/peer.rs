@@ -11,7 +11,8 @@
 //! - `RS.YIELD tag epoch db key db key ...`: a writer that lost a partition yields, naming
 //!   the keys it wrote while cut off.
 //!
-//! This module moves bytes; what the requests mean is `replica::Repl`'s business.
+//! This module moves bytes; what the requests mean is its [`PeerHandler`]'s business (mirror
+//! mode's replication shell, `replica::Repl`, which this module does not name).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -25,8 +26,7 @@ use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{debug, info, warn};
 
 use super::io::read_more;
-use super::lane::Sink;
-use super::replica::{Held, Repl};
+use super::sink::{Held, ReplyTarget, Sink};
 use super::Signal;
 use crate::resp::{self, ReplySkimmer, Request, RequestParser};
 
@@ -89,15 +89,53 @@ impl PeerConn {
     }
 }
 
+/// What the peer link hands decoded requests and link events to.
+pub(crate) trait PeerHandler: 'static {
+    /// This node's id, for the handshake.
+    fn node_id(&self) -> &str;
+    /// The pair's shared secret, for the handshake.
+    fn secret(&self) -> &str;
+    /// The heartbeat interval (reconnect pacing and connect timeout derive from it).
+    fn heartbeat_ms(&self) -> u64;
+    /// The TLS of the peer link, when `[replication.tls]` is set: accepting and connecting.
+    fn tls(&self) -> (Option<&crate::tls::ServerTls>, Option<&crate::tls::ClientTls>);
+    /// A peer's heartbeat report (`RS.HB`).
+    fn heard(&self, report: &str);
+    /// This node's report, the answer to a heartbeat.
+    fn report_text(&self) -> String;
+    /// A request a peer forwarded to this node as the writer (`RS.FWD`).
+    fn submit_forwarded(&self, h: Held);
+    /// A peer asks this node to hand the writer role over (`RS.HANDOVER`): answer `tag` on
+    /// `conn` when done.
+    fn handover_requested(this: &Rc<Self>, conn: Rc<PeerConn>, tag: u64);
+    /// A peer's client went away (`RS.GONE`).
+    fn client_key_gone(&self, key: u64);
+    /// A peer yields the writer role (`RS.YIELD`), with the keys it wrote while cut off.
+    fn yield_received(&self, from: &str, epoch: u64, keys: Option<Vec<(u32, Bytes)>>) -> Bytes;
+    /// The answer to something this node sent on `link`.
+    fn link_reply(&self, link: &PeerLink, wait: LinkWait, reply: Bytes);
+    /// Something this node sent on `link` will get no answer (the link broke).
+    fn link_failed(&self, link: &PeerLink, wait: LinkWait);
+}
+
+impl ReplyTarget for PeerConn {
+    fn deliver(&self, tag: u64, reply: Bytes) {
+        self.reply(tag, &reply)
+    }
+
+    fn not_writer(&self, tag: u64) {
+        self.reply_not_writer(tag)
+    }
+}
+
 /// Accept peers on `peer_listen`.
-pub(crate) async fn serve(repl: Rc<Repl>, listener: TcpListener) {
+pub(crate) async fn serve<R: PeerHandler>(repl: Rc<R>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let repl = repl.clone();
                 monoio::spawn(async move {
-                    let tls = repl.core.shared.tls.peer_accept.clone();
-                    match Conn::accept(stream, tls.as_deref(), super::conn::TLS_ACCEPT_TIMEOUT).await {
+                    match Conn::accept(stream, repl.tls().0, super::conn::TLS_ACCEPT_TIMEOUT).await {
                         Ok(conn) => serve_conn(repl, conn, addr.to_string()).await,
                         Err(e) => warn!(from = %addr, "peer link refused: {e}"),
                     }
@@ -111,7 +149,7 @@ pub(crate) async fn serve(repl: Rc<Repl>, listener: TcpListener) {
     }
 }
 
-async fn serve_conn(repl: Rc<Repl>, stream: Conn, addr: String) {
+async fn serve_conn<R: PeerHandler>(repl: Rc<R>, stream: Conn, addr: String) {
     let conn = Rc::new(PeerConn {
         out: RefCell::new(BytesMut::new()),
         wake: Signal::default(),
@@ -193,7 +231,7 @@ async fn serve_conn(repl: Rc<Repl>, stream: Conn, addr: String) {
     let _ = writer.await;
 }
 
-fn handle(repl: &Rc<Repl>, conn: &Rc<PeerConn>, req: Request) {
+fn handle<R: PeerHandler>(repl: &Rc<R>, conn: &Rc<PeerConn>, req: Request) {
     let name = req.arg(0).to_ascii_lowercase();
     let tag = if req.len() > 1 { resp::parse_int(req.arg(1)).unwrap_or(0) as u64 } else { 0 };
     match name.as_slice() {
@@ -206,7 +244,7 @@ fn handle(repl: &Rc<Repl>, conn: &Rc<PeerConn>, req: Request) {
             let num = |i: usize| resp::parse_int(req.arg(i)).unwrap_or(0);
             let node = conn.node.borrow().clone();
             let held = Held {
-                sink: Sink::Peer(conn.clone(), tag),
+                sink: Sink::To(conn.clone(), tag),
                 client_key: client_key(&node, num(4) as u64),
                 db: num(2) as u32,
                 proto: num(3) as u8,
@@ -215,7 +253,7 @@ fn handle(repl: &Rc<Repl>, conn: &Rc<PeerConn>, req: Request) {
             };
             repl.submit_forwarded(held);
         }
-        b"rs.handover" => repl.handover_requested(conn.clone(), tag),
+        b"rs.handover" => R::handover_requested(repl, conn.clone(), tag),
         b"rs.gone" if req.len() == 3 => {
             let node = conn.node.borrow().clone();
             repl.client_key_gone(client_key(&node, resp::parse_int(req.arg(2)).unwrap_or(0) as u64));
@@ -307,7 +345,7 @@ impl PeerLink {
     }
 
     /// Give up on every forwarded request still waiting for its reply.
-    pub fn fail_forwards(&self, repl: &Repl) {
+    pub fn fail_forwards(&self, repl: &impl PeerHandler) {
         let tags: Vec<u64> =
             self.waiting.borrow().iter().filter(|(_, w)| matches!(w, LinkWait::Forward(_))).map(|(t, _)| *t).collect();
         for t in tags {
@@ -332,10 +370,10 @@ impl PeerLink {
 
 /// Keep the outgoing link to `link`'s peer up: connect, authenticate, then pump requests and
 /// dispatch replies; on loss, fail whatever waited on it.
-pub(crate) async fn run_link(repl: Rc<Repl>, link: Rc<PeerLink>) {
+pub(crate) async fn run_link<R: PeerHandler>(repl: Rc<R>, link: Rc<PeerLink>) {
     let mut was_up = true;
     loop {
-        match connect_peer(&repl, &link).await {
+        match connect_peer(&*repl, &link).await {
             Ok(stream) => {
                 if !was_up {
                     info!(peer = %link.node, addr = %link.addr, "peer link up");
@@ -366,7 +404,7 @@ pub(crate) async fn run_link(repl: Rc<Repl>, link: Rc<PeerLink>) {
     }
 }
 
-async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<Conn, String> {
+async fn connect_peer(repl: &impl PeerHandler, link: &PeerLink) -> Result<Conn, String> {
     use std::net::ToSocketAddrs;
     let addr = link
         .addr
@@ -375,7 +413,7 @@ async fn connect_peer(repl: &Repl, link: &PeerLink) -> Result<Conn, String> {
         .next()
         .ok_or_else(|| format!("{} resolves to nothing", link.addr))?;
     let timeout = Duration::from_millis(repl.heartbeat_ms() * 2);
-    let tls = repl.core.shared.tls.peer_connect.as_deref().map(|t| (t, crate::tls::host_of(&link.addr)));
+    let tls = repl.tls().1.map(|t| (t, crate::tls::host_of(&link.addr)));
     let mut stream = Conn::connect(addr, timeout.as_millis() as u64, tls).await?;
     super::handshake::authenticate_to_peer(
         &mut stream,
@@ -401,7 +439,7 @@ async fn link_writer(link: &PeerLink, mut wr: ConnWriter) -> String {
     }
 }
 
-async fn link_reader(repl: &Rc<Repl>, link: &PeerLink, mut rd: ConnReader) -> String {
+async fn link_reader<R: PeerHandler>(repl: &Rc<R>, link: &PeerLink, mut rd: ConnReader) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut skim = ReplySkimmer::new();
     loop {

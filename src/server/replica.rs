@@ -24,8 +24,8 @@ use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{info, warn};
 
 use super::io::read_more;
-use super::lane::{deliver_to, Sink};
-use super::peer::{self, LinkWait, PeerConn, PeerLink};
+use super::peer::{self, LinkWait, PeerConn, PeerHandler, PeerLink};
+use super::sink::{deliver_to, Held, Sink};
 use super::upstream::{connect_redis, roundtrip};
 use super::{Core, Signal};
 use crate::command;
@@ -53,20 +53,49 @@ fn coarse_ms(clock: libc::clockid_t) -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
-/// A request on the writer path, with where its reply goes.
-pub(crate) struct Held {
-    pub sink: Sink,
-    pub client_key: u64,
-    pub db: u32,
-    pub proto: u8,
-    pub frame: Bytes,
-    /// Give up (TRYAGAIN) if no writer takes it by then (monotonic ms; 0 = not held yet).
-    pub deadline_ms: u64,
+impl PeerHandler for Repl {
+    fn node_id(&self) -> &str {
+        Repl::node_id(self)
+    }
+    fn secret(&self) -> &str {
+        Repl::secret(self)
+    }
+    fn heartbeat_ms(&self) -> u64 {
+        Repl::heartbeat_ms(self)
+    }
+    fn tls(&self) -> (Option<&crate::tls::ServerTls>, Option<&crate::tls::ClientTls>) {
+        let t = &self.core.shared.tls;
+        (t.peer_accept.as_deref(), t.peer_connect.as_deref())
+    }
+    fn heard(&self, report: &str) {
+        Repl::heard(self, report)
+    }
+    fn report_text(&self) -> String {
+        Repl::report_text(self)
+    }
+    fn submit_forwarded(&self, h: Held) {
+        Repl::submit_forwarded(self, h)
+    }
+    fn handover_requested(this: &Rc<Self>, conn: Rc<PeerConn>, tag: u64) {
+        Repl::handover_requested(this, conn, tag)
+    }
+    fn client_key_gone(&self, key: u64) {
+        Repl::client_key_gone(self, key)
+    }
+    fn yield_received(&self, from: &str, epoch: u64, keys: Option<Vec<(u32, Bytes)>>) -> Bytes {
+        Repl::yield_received(self, from, epoch, keys)
+    }
+    fn link_reply(&self, link: &PeerLink, wait: LinkWait, reply: Bytes) {
+        Repl::link_reply(self, link, wait, reply)
+    }
+    fn link_failed(&self, link: &PeerLink, wait: LinkWait) {
+        Repl::link_failed(self, link, wait)
+    }
 }
 
 /// Core 0's replication state.
 pub(crate) struct Repl {
-    pub(crate) core: Rc<Core>,
+    core: Rc<Core>,
     started_ms: u64,
     /// Every decision (roles, routing, reference copy, stream freshness, local reads).
     ctl: RefCell<MirrorControl>,
@@ -157,8 +186,8 @@ impl Repl {
             ForwardedPath::Sequence => self.sequence(h),
             ForwardedPath::Hold => self.hold(h),
             ForwardedPath::NotWriter => {
-                if let Sink::Peer(conn, tag) = &h.sink {
-                    conn.reply_not_writer(*tag);
+                if let Sink::To(target, tag) = &h.sink {
+                    target.not_writer(*tag);
                 }
             }
         }
