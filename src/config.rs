@@ -127,6 +127,10 @@ pub struct RedisConfig {
     /// A client waiting longer than this for Redis gets `-ERR` and the connection is reset.
     pub request_timeout_ms: u64,
     pub reconnect_backoff_max_ms: u64,
+    /// How many batches a shared connection keeps in flight before it holds new requests
+    /// back to send them together when one is answered (an idle connection writes at once).
+    /// 0 = write whatever arrived every event-loop turn.
+    pub pipeline_batches: usize,
     /// `[redis.tls]`: TLS to the Redis (own and, in a pair, the peer's): `ca_file` verifies
     /// it, `cert_file`/`key_file` are the client certificate Redis's `tls-auth-clients` asks for.
     pub tls: Option<TlsConfig>,
@@ -141,10 +145,17 @@ impl Default for RedisConfig {
             connect_timeout_ms: 1000,
             request_timeout_ms: 5000,
             reconnect_backoff_max_ms: 2000,
+            pipeline_batches: DEFAULT_PIPELINE_BATCHES,
             tls: None,
         }
     }
 }
+
+/// Default `[redis] pipeline_batches`: one batch in flight per shared connection. Measured
+/// on the 2-core machine (redis-benchmark -c 50 -P 1 SET, one runtime thread): Redis saw
+/// 7.4–8.9 commands per read instead of 5.1–6.7, and the proxy spent 12–13 CPU-s per
+/// million requests instead of 15–18.
+pub const DEFAULT_PIPELINE_BATCHES: usize = 1;
 
 /// One `[[peers]]` entry.
 #[derive(Debug, Clone, Deserialize)]

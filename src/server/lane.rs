@@ -41,6 +41,10 @@ use crate::session::AclUser;
 /// coalescing buffer.
 const COPY_LIMIT: usize = 16 * 1024;
 
+/// A batch this large is written even while earlier ones wait for replies.
+const BATCH_MAX_COMMANDS: usize = 1024;
+
+
 /// A write's database and frame (its keys are recorded if its WAIT is not confirmed).
 pub(crate) type Write = (u32, Bytes);
 
@@ -127,6 +131,8 @@ struct LaneState {
     waits_in_flight: usize,
     /// Replies received on this connection (the stall detector watches it move).
     replies_seen: u64,
+    /// Batches written and not fully answered: the `replies_seen` count at which each is.
+    batch_ends: VecDeque<u64>,
     /// Why the current connection must be abandoned (set by the timeout check).
     broken: Option<String>,
 }
@@ -145,13 +151,22 @@ pub(crate) struct Lane {
     /// When a request was last queued (user lanes close when idle).
     last_used: std::cell::Cell<Instant>,
     st: RefCell<LaneState>,
+    /// `[redis] pipeline_batches`.
+    max_batches: usize,
     wake_writer: Signal,
     wake_conn: Signal,
 }
 
 impl Lane {
-    pub fn new(core: Weak<Core>, proto: u8, addr: SocketAddr, native: Option<LaneNative>) -> Rc<Lane> {
-        Self::with_user(core, proto, addr, native, None)
+    /// `max_batches`: `[redis] pipeline_batches`.
+    pub fn new(
+        core: Weak<Core>,
+        proto: u8,
+        addr: SocketAddr,
+        native: Option<LaneNative>,
+        max_batches: usize,
+    ) -> Rc<Lane> {
+        Self::with_user(core, proto, addr, native, None, max_batches)
     }
 
     /// A lane whose connections authenticate as Redis ACL user `user` (`None`: the `[redis]`
@@ -163,9 +178,11 @@ impl Lane {
         addr: SocketAddr,
         native: Option<LaneNative>,
         user: Option<AclUser>,
+        max_batches: usize,
     ) -> Rc<Lane> {
         let first_connect = user.is_some();
         Rc::new(Lane {
+            max_batches,
             core,
             proto,
             addr,
@@ -187,6 +204,7 @@ impl Lane {
                 held: Vec::new(),
                 waits_in_flight: 0,
                 replies_seen: 0,
+                batch_ends: VecDeque::new(),
                 broken: None,
             }),
             wake_writer: Signal::default(),
@@ -222,6 +240,18 @@ impl Lane {
         drop(st);
         self.wake_writer.notify();
         Ok(())
+    }
+
+    /// Adaptive batching: while `[redis] pipeline_batches` batches wait for their replies,
+    /// requests collect for the next one (an idle lane writes at once; a busy one writes what
+    /// arrived during a round trip in one go), up to [`BATCH_MAX_COMMANDS`].
+    fn coalescing(&self) -> bool {
+        let max = self.max_batches;
+        if max == 0 {
+            return false;
+        }
+        let st = self.st.borrow();
+        st.unflushed > 0 && st.unflushed < BATCH_MAX_COMMANDS && st.batch_ends.len() >= max
     }
 
     /// Whether the connection to Redis is up.
@@ -432,6 +462,7 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                 {
                     let mut st = lane.st.borrow_mut();
                     st.connected = true;
+                    st.batch_ends.clear();
                     // (Requests queued for a user lane's first connection already account for
                     // the database they select: it starts in 0 as they assumed.)
                     if st.sinks.is_empty() {
@@ -540,6 +571,13 @@ async fn read_loop(lane: &Lane, mut rd: ConnReader) -> String {
                     let next = {
                         let mut st = lane.st.borrow_mut();
                         st.replies_seen += 1;
+                        if st.batch_ends.front() == Some(&st.replies_seen) {
+                            st.batch_ends.pop_front();
+                            if st.unflushed > 0 {
+                                // A batch is answered: what collected meanwhile may go.
+                                lane.wake_writer.notify();
+                            }
+                        }
                         st.sinks.pop_front()
                     };
                     match next {
@@ -565,14 +603,21 @@ async fn write_loop(lane: &Lane, mut wr: ConnWriter) -> String {
             let st = lane.st.borrow();
             st.waits_in_flight > 0 && st.unflushed_writes > 0
         };
-        if collect {
+        if collect || lane.coalescing() {
             lane.wake_writer.wait().await;
             continue;
         }
         let (chunks, commands) = {
             let mut st = lane.st.borrow_mut();
             let commands = st.unflushed;
-            (st.take_out(wait, lane.native.as_ref()), commands)
+            let chunks = st.take_out(wait, lane.native.as_ref());
+            if !chunks.is_empty() {
+                let end = st.replies_seen + st.sinks.len() as u64;
+                if st.batch_ends.back() != Some(&end) {
+                    st.batch_ends.push_back(end);
+                }
+            }
+            (chunks, commands)
         };
         if chunks.is_empty() {
             lane.wake_writer.wait().await;

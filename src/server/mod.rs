@@ -247,7 +247,14 @@ impl Core {
             side,
             wait: self.native_wait.clone(),
         });
-        let l = lane::Lane::with_user(Rc::downgrade(self), proto, addr, native, Some(user.clone()));
+        let l = lane::Lane::with_user(
+            Rc::downgrade(self),
+            proto,
+            addr,
+            native,
+            Some(user.clone()),
+            self.shared.cfg.redis.pipeline_batches,
+        );
         monoio::spawn(lane::run(l.clone()));
         if self.user_lanes.borrow().is_empty() {
             monoio::spawn(close_idle_user_lanes(self.clone()));
@@ -556,20 +563,21 @@ async fn core_main(
     let lane_native =
         |side| shared.native.as_ref().map(|route| lane::LaneNative { route: route.clone(), side, wait: wait.clone() });
     use crate::replication::native::Side;
+    let batches = cfg.redis.pipeline_batches;
     let core = Rc::new_cyclic(|weak: &Weak<Core>| Core {
         idx,
         shared: shared.clone(),
         env: RefCell::new(env),
         lanes: [
-            lane::Lane::new(weak.clone(), 2, cfg.redis.address, lane_native(Side::Local)),
-            lane::Lane::new(weak.clone(), 3, cfg.redis.address, lane_native(Side::Local)),
+            lane::Lane::new(weak.clone(), 2, cfg.redis.address, lane_native(Side::Local), batches),
+            lane::Lane::new(weak.clone(), 3, cfg.redis.address, lane_native(Side::Local), batches),
         ],
         native_wait: if shared.native.is_some() { wait.clone() } else { None },
         user_lanes: RefCell::new(HashMap::new()),
         peer_lanes: shared.peer_redis.map(|peer| {
             [
-                lane::Lane::new(weak.clone(), 2, peer, lane_native(Side::Peer)),
-                lane::Lane::new(weak.clone(), 3, peer, lane_native(Side::Peer)),
+                lane::Lane::new(weak.clone(), 2, peer, lane_native(Side::Peer), batches),
+                lane::Lane::new(weak.clone(), 3, peer, lane_native(Side::Peer), batches),
             ]
         }),
         clients: RefCell::new(HashMap::new()),
