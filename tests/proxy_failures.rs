@@ -283,19 +283,24 @@ fn sigterm_finishes_in_flight_pipeline_and_exits_zero() {
         let mut c = proxy.raw();
         assert_eq!(text(&c.call(&["SET", &key, "0"])), "+OK\r\n");
 
-        // Hold Redis so the whole pipeline is in flight (forwarded, unanswered) at SIGTERM.
+        // Hold Redis so the whole pipeline is in flight at SIGTERM: read by the proxy, its
+        // first batch forwarded and unanswered, the rest queued behind that batch.
         const N: usize = 1000;
         let frame = encode(&["INCR", key.as_str()]);
         let pipeline: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * N).collect();
         redis.stop();
         c.send(&pipeline);
-        let forwarded = wait_until(Duration::from_secs(10), || redis_unread_bytes(redis.port) >= pipeline.len() as u64);
-        if !forwarded {
+        let in_flight = wait_until(Duration::from_secs(4), || {
+            redis_unread_bytes(redis.port) >= frame.len() as u64
+                && redis_unread_bytes(proxy.port) == 0
+                && unsent_to(proxy.port) == 0
+        });
+        if !in_flight {
             redis.cont();
             panic!(
-                "{driver}: the pipeline never reached Redis ({} of {} bytes)",
+                "{driver}: the pipeline never got in flight ({} bytes at Redis, {} unread by the proxy)",
                 redis_unread_bytes(redis.port),
-                pipeline.len()
+                redis_unread_bytes(proxy.port)
             );
         }
         proxy.terminate();

@@ -44,7 +44,6 @@ const COPY_LIMIT: usize = 16 * 1024;
 /// A batch this large is written even while earlier ones wait for replies.
 const BATCH_MAX_COMMANDS: usize = 1024;
 
-
 /// A write's database and frame (its keys are recorded if its WAIT is not confirmed).
 pub(crate) type Write = (u32, Bytes);
 

@@ -659,6 +659,29 @@ pub fn run_with_config(toml: &str, extra: &[&str]) -> (ExitStatus, String) {
 
 /// Sum of the receive queues of Redis's established server-side sockets (bytes sent to Redis
 /// and not yet read by it), from /proc/net/tcp.
+/// Bytes this host's connections to `port` have not yet handed to the other side (their
+/// send queues).
+pub fn unsent_to(port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let mut total = 0;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || f[3] != "01" {
+            continue;
+        }
+        let Some(remote) = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) else { continue };
+        if remote != port {
+            continue;
+        }
+        if let Some(tx) = f[4].split(':').next().and_then(|q| u64::from_str_radix(q, 16).ok()) {
+            total += tx;
+        }
+    }
+    total
+}
+
+/// Bytes waiting in the receive queues of established connections to local port
+/// `redis_port` (sent to that server and not yet read by it; any server's port works).
 pub fn redis_unread_bytes(redis_port: u16) -> u64 {
     let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let mut total = 0;
