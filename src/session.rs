@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::command::{self, CommandDef, F_BLOCKING};
+use crate::command::{self, CommandDef};
 use crate::resp::{self, parse_int, Request};
 use crate::slot::key_slot;
 
@@ -613,7 +613,7 @@ impl Session {
         if self.raw {
             // Pub/sub or MONITOR: the dedicated connection carries everything from now on,
             // except (pair mode, RESP3) writes, which must go through the writer.
-            if env.pair && command::replicates(def, req) && !is_pubsub_command(name) {
+            if env.pair && command::replicates(def, req) && !command::facts::is_pubsub_mode(name) {
                 return self.forward(req, Lane::Writer, Scope::All, DedicatedUse::No, def);
             }
             if name == b"select" {
@@ -644,18 +644,9 @@ impl Session {
 
         // Commands that need connection state upstream.
         let flags = def.map(|d| d.flags).unwrap_or(0);
-        let pubsub_mode = matches!(
-            name,
-            b"subscribe"
-                | b"psubscribe"
-                | b"ssubscribe"
-                | b"unsubscribe"
-                | b"punsubscribe"
-                | b"sunsubscribe"
-                | b"monitor"
-        );
+        let pubsub_mode = command::facts::is_pubsub_mode(name);
         let needs_primary = pubsub_mode
-            || is_blocking(name, req, flags)
+            || command::facts::blocks(req, flags)
             || name == b"multi"
             || name == b"watch"
             || (name == b"client" && req.len() > 1 && req.arg(1).eq_ignore_ascii_case(b"tracking"));
@@ -687,7 +678,7 @@ impl Session {
             }
             return action;
         }
-        let blocking = is_blocking(name, req, flags);
+        let blocking = command::facts::blocks(req, flags);
         if env.pair && blocking && command::is_write(def) {
             // The writer's sequencer serves it: it sees every write to the key.
             if !self.inflight.only_on(Lane::Writer) {
@@ -860,7 +851,7 @@ impl Session {
             }
             _ => {}
         }
-        let blocking = is_blocking(name, req, def.map(|d| d.flags).unwrap_or(0)) && !self.in_multi;
+        let blocking = command::facts::blocks(req, def.map(|d| d.flags).unwrap_or(0)) && !self.in_multi;
         // What waits for the replica (native, write_ack = "all"): EXEC of a block that wrote,
         // and writes outside MULTI; never a command Redis only queues.
         let acked = match name {
@@ -1453,25 +1444,8 @@ fn valid_name(name: &[u8]) -> Result<(), Bytes> {
 }
 
 /// `SCRIPT KILL` and `FUNCTION KILL`.
-fn is_pubsub_command(name: &[u8]) -> bool {
-    matches!(
-        name,
-        b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" | b"monitor"
-    )
-}
-
 fn is_script_kill(name: &[u8], req: &Request) -> bool {
     matches!(name, b"script" | b"function") && req.len() == 2 && req.arg(1).eq_ignore_ascii_case(b"kill")
-}
-
-/// Blocking commands need a dedicated connection: a shared one would stall every other
-/// client's commands behind them. XREAD/XREADGROUP block only with BLOCK; WAIT/WAITAOF
-/// wait for replicas.
-fn is_blocking(name: &[u8], req: &Request, flags: u64) -> bool {
-    if matches!(name, b"xread" | b"xreadgroup") {
-        return req.args().skip(1).any(|a| a.eq_ignore_ascii_case(b"block"));
-    }
-    flags & F_BLOCKING != 0 || matches!(name, b"wait" | b"waitaof")
 }
 
 /// `Slot(s)` when every key of the command lies in slot `s`; `All` otherwise (no keys,

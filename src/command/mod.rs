@@ -3,6 +3,7 @@
 //! keys are, found by interpreting Redis's key specs as Redis does. No I/O, no connection
 //! state: `session` decides what to do with a command; this module only describes it.
 
+pub mod facts;
 pub mod frames;
 pub mod spec;
 #[rustfmt::skip]

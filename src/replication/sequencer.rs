@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::effects::{self, FromReply, Shipped};
 use super::reply;
-use crate::command::{self, F_BLOCKING};
+use crate::command::{self, facts, F_BLOCKING};
 use crate::resp::{self, Request};
 
 /// A write's position in the writer's global order.
@@ -324,11 +324,6 @@ pub struct Sequencer {
     pub counters: Counters,
 }
 
-/// Null in the client's protocol for an aborted EXEC.
-fn null_array(proto: u8) -> Bytes {
-    Bytes::from_static(if proto >= 3 { b"_\r\n" } else { b"*-1\r\n" })
-}
-
 fn frames_of(reqs: &[Request]) -> Bytes {
     if reqs.len() == 1 {
         return reqs[0].frame.clone();
@@ -578,14 +573,14 @@ impl Sequencer {
             };
             self.stop_tracking_if_idle();
             if watched && touched {
-                self.replies.push((o.ticket, null_array(o.proto)));
+                self.replies.push((o.ticket, facts::null_array(o.proto)));
                 return;
             }
             return self.submit_block(o, primary, inner, Shape::Block, None, now_ms);
         }
         let req = reqs.into_iter().next().unwrap_or_else(|| Request::from_args(&[b"PING"]));
         let flags = command::lookup(&req).map(|d| d.flags).unwrap_or(0);
-        if write && flags & F_BLOCKING != 0 && is_blocking_form(&req) {
+        if write && flags & F_BLOCKING != 0 && facts::blocks(&req, flags) {
             let keys: Vec<Bytes> = command::lookup(&req)
                 .map(|d| command::key_indices(d, &req).iter().map(|&i| req.arg_bytes(i)).collect())
                 .unwrap_or_default();
@@ -829,13 +824,7 @@ impl Sequencer {
         while i < self.parked.len() {
             if self.parked[i].deadline_ms.is_some_and(|d| d <= now_ms) {
                 let p = self.parked.swap_remove(i);
-                let null = if p.req.arg(0).eq_ignore_ascii_case(b"blmove")
-                    || p.req.arg(0).eq_ignore_ascii_case(b"brpoplpush")
-                {
-                    resp::null(p.proto)
-                } else {
-                    null_array(p.proto)
-                };
+                let null = facts::timeout_reply(&p.req, p.proto);
                 self.replies.push((p.ticket, null));
             } else {
                 i += 1;
@@ -1601,15 +1590,6 @@ impl Sequencer {
     pub fn lag(&self, s: usize) -> u64 {
         self.last_seq().saturating_sub(self.acked_upto(s))
     }
-}
-
-/// True for the forms of blocking commands that actually block (XREAD(GROUP) only with BLOCK).
-fn is_blocking_form(req: &Request) -> bool {
-    let name = req.arg(0);
-    if name.eq_ignore_ascii_case(b"xread") || name.eq_ignore_ascii_case(b"xreadgroup") {
-        return req.args().any(|a| a.eq_ignore_ascii_case(b"block"));
-    }
-    !name.eq_ignore_ascii_case(b"wait") && !name.eq_ignore_ascii_case(b"waitaof")
 }
 
 #[cfg(test)]
