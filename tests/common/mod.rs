@@ -662,27 +662,28 @@ pub fn run_with_config(toml: &str, extra: &[&str]) -> (ExitStatus, String) {
 /// Bytes this host's connections to `port` have not yet handed to the other side (their
 /// send queues).
 pub fn unsent_to(port: u16) -> u64 {
-    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let mut total = 0;
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 5 || f[3] != "01" {
-            continue;
-        }
-        let Some(remote) = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) else { continue };
-        if remote != port {
-            continue;
-        }
-        if let Some(tx) = f[4].split(':').next().and_then(|q| u64::from_str_radix(q, 16).ok()) {
-            total += tx;
-        }
-    }
-    total
+    tcp_queue_sum(port, Queue::SendToPort)
 }
 
 /// Bytes waiting in the receive queues of established connections to local port
 /// `redis_port` (sent to that server and not yet read by it; any server's port works).
 pub fn redis_unread_bytes(redis_port: u16) -> u64 {
+    tcp_queue_sum(redis_port, Queue::ReceiveOnPort)
+}
+
+enum Queue {
+    /// tx_queue of connections whose remote port is the port.
+    SendToPort,
+    /// rx_queue of connections whose local port is the port.
+    ReceiveOnPort,
+}
+
+/// Sum one queue column of /proc/net/tcp over the established connections that match.
+fn tcp_queue_sum(port: u16, which: Queue) -> u64 {
+    let (addr_col, queue_half) = match which {
+        Queue::SendToPort => (2, 0),
+        Queue::ReceiveOnPort => (1, 1),
+    };
     let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let mut total = 0;
     for line in text.lines().skip(1) {
@@ -690,12 +691,12 @@ pub fn redis_unread_bytes(redis_port: u16) -> u64 {
         if f.len() < 5 || f[3] != "01" {
             continue;
         }
-        let Some(port) = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) else { continue };
-        if port != redis_port {
+        let Some(p) = f[addr_col].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) else { continue };
+        if p != port {
             continue;
         }
-        if let Some(rx) = f[4].split(':').nth(1).and_then(|q| u64::from_str_radix(q, 16).ok()) {
-            total += rx;
+        if let Some(q) = f[4].split(':').nth(queue_half).and_then(|q| u64::from_str_radix(q, 16).ok()) {
+            total += q;
         }
     }
     total
