@@ -81,13 +81,13 @@ struct AdminArgs {
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<String>,
     /// With --tls-ca: the client certificate to show (when the port verifies clients).
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<String>,
     /// The key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<String>,
     /// With --tls-ca: the name the port's certificate carries (default: the host of --admin).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
     tls_server_name: Option<String>,
 }
 

@@ -147,9 +147,7 @@ pub fn server_config(link: &'static str, cfg: &TlsConfig, verify_default: bool) 
     } else {
         builder.with_no_client_auth()
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(rustls_err(link))?;
-    config.alpn_protocols.clear();
-    Ok(config)
+    builder.with_single_cert(chain, key).map_err(rustls_err(link))
 }
 
 /// The rustls client side of a connecting link.
@@ -170,14 +168,21 @@ pub fn client_config(link: &'static str, cfg: &TlsConfig) -> Result<ClientConfig
     }
 }
 
-/// What identifies a version of the files: modification time and size of each.
-type Stamp = Vec<Option<(SystemTime, u64)>>;
+/// What identifies a version of a file: modification and change times, inode and size
+/// (a copy that keeps the modification time still gets a new inode or change time; a
+/// Kubernetes Secret volume swaps a symlink, which `metadata` follows).
+type Stamp = Vec<Option<(SystemTime, i64, i64, u64, u64)>>;
 
 fn stamp(cfg: &TlsConfig) -> Stamp {
-    [&cfg.cert_file, &cfg.key_file, &cfg.ca_file]
+    use std::os::unix::fs::MetadataExt;
+    let ca = if cfg.ca_file.is_empty() { SYSTEM_CA_BUNDLE } else { cfg.ca_file.as_str() };
+    [cfg.cert_file.as_str(), cfg.key_file.as_str(), ca]
         .iter()
         .filter(|p| !p.is_empty())
-        .map(|p| std::fs::metadata(Path::new(p.as_str())).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .map(|p| {
+            let m = std::fs::metadata(Path::new(p)).ok()?;
+            Some((m.modified().ok()?, m.ctime(), m.ctime_nsec(), m.ino(), m.len()))
+        })
         .collect()
 }
 
@@ -185,6 +190,9 @@ struct Current<T> {
     config: Arc<T>,
     stamp: Stamp,
     checked: Instant,
+    /// Files seen changed but unusable: not rebuilt (nor warned about) again until they
+    /// change once more.
+    failed: Option<Stamp>,
 }
 
 /// A rustls configuration that follows its files: [`Reloading::current`] hands out the
@@ -218,7 +226,7 @@ impl<T> Reloading<T> {
             cfg: cfg.clone(),
             build,
             verify_default,
-            current: Mutex::new(Current { config, stamp, checked: Instant::now() }),
+            current: Mutex::new(Current { config, stamp, checked: Instant::now(), failed: None }),
         })
     }
 
@@ -231,16 +239,20 @@ impl<T> Reloading<T> {
         if now.saturating_duration_since(cur.checked) >= RELOAD_CHECK {
             cur.checked = now;
             let seen = stamp(&self.cfg);
-            if seen != cur.stamp {
+            if seen != cur.stamp && cur.failed.as_ref() != Some(&seen) {
                 match (self.build)(self.link, &self.cfg, self.verify_default) {
                     Ok(c) => {
                         tracing::info!(link = self.link, "TLS files changed: new handshakes use them");
                         cur.config = Arc::new(c);
                         cur.stamp = seen;
+                        cur.failed = None;
                     }
-                    // Half-written by a rotation, or wrong: keep serving with what works and
-                    // try again at the next check (the stamp is not taken).
-                    Err(e) => tracing::warn!(link = self.link, "TLS files changed but cannot be used yet: {e}"),
+                    // Half-written by a rotation, or wrong: keep serving with what works, and
+                    // try again once the files change again (finishing a write changes them).
+                    Err(e) => {
+                        tracing::warn!(link = self.link, "TLS files changed but cannot be used yet: {e}");
+                        cur.failed = Some(seen);
+                    }
                 }
             }
         }

@@ -236,3 +236,46 @@ fn native_pair_with_a_tls_peer_link_fails_over_and_resyncs() {
         assert_eq!(v, Some(i), "acknowledged write t{i} lost");
     }
 }
+
+/// A client whose first request follows its last handshake message at once (one segment
+/// on loopback), larger than rustls' plaintext buffer: the handshake hands the rest to the
+/// reader instead of failing. Repeated on fresh connections, both drivers.
+#[test]
+fn a_big_first_request_right_behind_the_handshake() {
+    let pki = Pki::new("first");
+    let server = pki.issue("server", "resplica");
+    let big = "y".repeat(100 * 1024);
+    for driver in drivers() {
+        let redis = RedisServer::start();
+        let plain = free_port();
+        let proxy = Proxy::with_tls_config(&client_tls_toml(&redis, driver, plain, &pki, &server, false), plain);
+        for i in 0..20 {
+            let key = format!("first:{i}");
+            let first = common::encode(&["SET", key.as_str(), big.as_str()]);
+            let mut c = TlsConn::connect_sending(proxy.port, &pki.ca_file(), &first).expect("tls connect");
+            assert_eq!(text(&c.read_reply().unwrap()), "+OK\r\n", "{driver}");
+        }
+        let n: usize = redis::cmd("STRLEN").arg("first:19").query(&mut redis.conn()).unwrap();
+        assert_eq!(n, big.len());
+    }
+}
+
+/// A client that ends its handshake with a close_notify and junk behind it, in one segment,
+/// gets its connection closed; the core it landed on keeps serving everyone else.
+#[test]
+fn close_notify_and_junk_in_the_handshake_do_not_stall_the_core() {
+    let pki = Pki::new("junk");
+    let server = pki.issue("server", "resplica");
+    let redis = RedisServer::start();
+    let plain = free_port();
+    let toml = client_tls_toml(&redis, "auto", plain, &pki, &server, false).replace("threads = 2", "threads = 1");
+    let proxy = Proxy::with_tls_config(&toml, plain);
+    for _ in 0..3 {
+        TlsConn::finish_then_close_with_junk(proxy.port, &pki.ca_file(), &[0x17; 8192]).expect("handshake");
+    }
+    // One core: if it were stuck, nobody would be answered.
+    let mut c = TlsConn::connect(proxy.port, &pki.ca_file(), None).expect("tls connect after the junk");
+    assert_eq!(text(&c.call(&["PING"]).unwrap()), "+PONG\r\n");
+    let mut p = RawConn::connect(plain);
+    assert_eq!(text(&p.call(&["PING"])), "+PONG\r\n");
+}

@@ -5,7 +5,7 @@
 /// What the last comparison found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AclCheck {
-    /// Not compared yet (one Redis has not answered).
+    /// Not compared (one Redis did not answer: down, restarting, failing over).
     #[default]
     Pending,
     /// Both hold the same users with the same rules.

@@ -21,6 +21,10 @@ use crate::tls::{ClientTls, ServerTls};
 /// Ciphertext read per system call (a TLS record is at most 16 KiB plus overhead).
 const CIPHER_READ: usize = 32 * 1024;
 
+/// Plaintext encrypted before its records go to the socket; also the most the writer's
+/// record buffer keeps between writes.
+const WRITE_CHUNK: usize = 256 * 1024;
+
 /// How long the other side of an accepted connection has to finish its TLS handshake.
 pub(crate) const TLS_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -98,6 +102,8 @@ impl Conn {
         // Whole replies are queued; the writer never needs a partial write.
         tls.set_buffer_limit(None);
         let mut cipher: Vec<u8> = Vec::with_capacity(CIPHER_READ);
+        // `cipher[pos..]`: read from the socket, not yet given to rustls.
+        let mut pos = 0;
         loop {
             if tls.wants_write() {
                 let mut out = Vec::new();
@@ -110,29 +116,37 @@ impl Conn {
             if !tls.is_handshaking() {
                 break;
             }
-            cipher.clear();
-            let (res, buf) = tcp.read(cipher).await;
-            cipher = buf;
-            if res? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other side closed the connection"));
-            }
-            let mut rd = &cipher[..];
-            while !rd.is_empty() {
-                tls.read_tls(&mut rd)?;
-                if let Err(e) = tls.process_new_packets() {
-                    // Tell the other side why (the alert rustls queued), then give up.
-                    let mut out = Vec::new();
-                    let _ = tls.write_tls(&mut out);
-                    let _ = tcp.write_all(out).await;
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            if pos >= cipher.len() {
+                cipher.clear();
+                pos = 0;
+                let (res, buf) = tcp.read(cipher).await;
+                cipher = buf;
+                if res? == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other side closed the connection"));
                 }
+            }
+            // One record batch at a time, re-checking the state between them: what follows
+            // the last handshake message (a client's first request) is the reader's to take,
+            // and once the other side closed, rustls takes nothing more.
+            let mut rd = &cipher[pos..];
+            let taken = tls.read_tls(&mut rd)?;
+            pos = cipher.len() - rd.len();
+            if taken == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other side closed during the handshake"));
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Tell the other side why (the alert rustls queued), then give up.
+                let mut out = Vec::new();
+                let _ = tls.write_tls(&mut out);
+                let _ = tcp.write_all(out).await;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
         }
         let (rd, wr) = tcp.into_split();
         let session = Rc::new(RefCell::new(tls));
         Ok(Conn::Tls(
-            TlsReader { tcp: rd, tls: session.clone(), cipher: Vec::with_capacity(CIPHER_READ), pos: 0, eof: false },
-            TlsWriter { tcp: wr, tls: session, out: Vec::new() },
+            TlsReader { tcp: rd, tls: session.clone(), cipher, pos, eof: false, busy: false },
+            TlsWriter { tcp: wr, tls: session, out: Vec::new(), busy: false },
         ))
     }
 
@@ -156,6 +170,13 @@ pub(crate) struct TlsReader {
     cipher: Vec<u8>,
     pos: usize,
     eof: bool,
+    /// A socket read is in flight. Still set when a read begins: an earlier read future
+    /// was dropped mid-flight and took ciphertext with it, so the stream cannot continue.
+    busy: bool,
+}
+
+fn cancelled_earlier() -> io::Error {
+    io::Error::other("TLS connection unusable: an earlier read or write on it was cancelled")
 }
 
 impl TlsReader {
@@ -163,6 +184,9 @@ impl TlsReader {
     async fn read_into(&mut self, dst: *mut u8, cap: usize) -> io::Result<usize> {
         if cap == 0 {
             return Ok(0);
+        }
+        if self.busy {
+            return Err(cancelled_earlier());
         }
         loop {
             {
@@ -210,7 +234,9 @@ impl TlsReader {
             let mut buf = std::mem::take(&mut self.cipher);
             buf.clear();
             self.pos = 0;
+            self.busy = true;
             let (res, buf) = self.tcp.read(buf).await;
+            self.busy = false;
             self.cipher = buf;
             if res? == 0 {
                 self.eof = true;
@@ -253,20 +279,33 @@ impl AsyncReadRent for TlsReader {
 pub(crate) struct TlsWriter {
     tcp: OwnedWriteHalf<TcpStream>,
     tls: Rc<RefCell<rustls::Connection>>,
-    /// Records waiting for the socket (reused between writes).
+    /// Records waiting for the socket (reused between writes, kept at most
+    /// [`WRITE_CHUNK`] large between them).
     out: Vec<u8>,
+    /// A socket write is in flight (see `TlsReader::busy`).
+    busy: bool,
 }
 
 impl TlsWriter {
-    /// Encrypt `data` (whole) and send every record rustls has queued.
+    /// Encrypt `data` (whole) and send every record rustls has queued, [`WRITE_CHUNK`]
+    /// bytes of plaintext at a time (a huge reply is never held twice in memory at once).
     async fn send(&mut self, data: &[&[u8]]) -> io::Result<()> {
-        {
-            let mut tls = self.tls.borrow_mut();
-            for d in data {
-                tls.writer().write_all(d)?;
-            }
-            while tls.wants_write() {
-                tls.write_tls(&mut self.out)?;
+        if self.busy {
+            return Err(cancelled_earlier());
+        }
+        for d in data {
+            for chunk in d.chunks(WRITE_CHUNK) {
+                {
+                    let mut tls = self.tls.borrow_mut();
+                    // Several small parts share records; a chunk ends them.
+                    tls.writer().write_all(chunk)?;
+                    while tls.wants_write() {
+                        tls.write_tls(&mut self.out)?;
+                    }
+                }
+                if self.out.len() >= WRITE_CHUNK {
+                    self.flush_records().await?;
+                }
             }
         }
         self.flush_records().await
@@ -284,8 +323,11 @@ impl TlsWriter {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
+        self.busy = true;
         let (res, mut out) = self.tcp.write_all(out).await;
+        self.busy = false;
         out.clear();
+        out.shrink_to(WRITE_CHUNK);
         self.out = out;
         res.map(|_| ())
     }

@@ -451,7 +451,20 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     // Which run of that Redis this connection reaches: writes go only to the
                     // run the control plane compared (a Redis restarted empty must not take
                     // writes before that).
-                    lane.run_id.set(run_of(&up, lane.addr, &mut stream).await);
+                    match run_of(&up, lane.addr, &mut stream).await {
+                        Some(run) => lane.run_id.set(run),
+                        None => {
+                            warn!(
+                                core = core.idx,
+                                proto = lane.proto,
+                                "Redis at {} did not answer INFO; reconnecting",
+                                lane.addr
+                            );
+                            monoio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(max_backoff);
+                            continue;
+                        }
+                    }
                 }
                 if !was_up {
                     info!(core = core.idx, proto = lane.proto, "connected to Redis at {}", lane.addr);

@@ -139,6 +139,8 @@ pub(crate) struct Shared {
     pub upstream: upstream::Upstream,
     pub tls: TlsLinks,
     pub clients: AtomicUsize,
+    /// Client TLS handshakes in progress (they count against `max_clients`).
+    pub tls_pending: AtomicUsize,
     pub next_client_id: AtomicU64,
     pub inboxes: Vec<async_channel::Sender<Vec<CoreMsg>>>,
     pub shutting_down: AtomicBool,
@@ -371,6 +373,7 @@ impl Server {
             upstream,
             tls,
             clients: AtomicUsize::new(0),
+            tls_pending: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
             inboxes: txs,
             shutting_down: AtomicBool::new(false),
@@ -684,9 +687,22 @@ fn accept_client(
             client::accept(core, conn::Conn::Plain(stream), peer, local)
         }
         Some(tls) => {
+            // Handshakes in progress count against max_clients: each holds a descriptor for
+            // up to TLS_ACCEPT_TIMEOUT before it is a client.
+            let shared = &core.shared;
+            let pending = shared.tls_pending.fetch_add(1, Ordering::AcqRel) + 1;
+            if shared.clients.load(Ordering::Acquire) + pending > shared.max_clients.load(Ordering::Relaxed) {
+                shared.tls_pending.fetch_sub(1, Ordering::AcqRel);
+                core.metrics.clients_rejected.inc();
+                return;
+            }
             let core = core.clone();
             monoio::spawn(async move {
-                match conn::Conn::accept_tls(stream, &tls, conn::TLS_ACCEPT_TIMEOUT).await {
+                let done = conn::Conn::accept_tls(stream, &tls, conn::TLS_ACCEPT_TIMEOUT).await;
+                core.shared.tls_pending.fetch_sub(1, Ordering::AcqRel);
+                match done {
+                    // (A stop that began meanwhile already told every client to close.)
+                    Ok(_) if core.shared.shutting_down.load(Ordering::Acquire) => {}
                     Ok(c) => client::accept(&core, c, peer, local),
                     Err(e) => {
                         core.metrics.tls_handshake_failures.inc();

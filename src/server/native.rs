@@ -152,6 +152,8 @@ pub(crate) fn start(core: &Rc<Core>) -> std::io::Result<()> {
 
 /// How often both Redis's ACL users are compared once they first could be.
 const ACL_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// How soon the comparison is tried again when a Redis did not answer.
+const ACL_RETRY: Duration = Duration::from_secs(2);
 
 /// Compare both Redis's `ACL LIST` at start and every [`ACL_CHECK_INTERVAL`]: Redis
 /// replicates no ACL rule, so a user on one Redis only is refused by the other after a
@@ -192,7 +194,11 @@ async fn acl_watch(shell: Rc<Shell>) {
             found = Some(compare(a, b));
         }
         let wait = match found {
-            None => shell.poll,
+            // A Redis did not answer (down, failing over): nothing to compare now.
+            None => {
+                shell.acl.replace(AclCheck::Pending);
+                ACL_RETRY
+            }
             Some(now) => {
                 let before = shell.acl.replace(now.clone());
                 if before != now {
@@ -261,9 +267,21 @@ async fn observe_loop(shell: Rc<Shell>, side: Side) {
                             b"min-replicas-to-write".to_vec(),
                             cfg.replication.min_replicas_to_write.to_string().into_bytes(),
                         ]);
-                        if let Ok(replies) = roundtrip(&mut s, &setup, timeout).await {
-                            for r in replies.iter().filter(|r| resp::is_error(r)) {
-                                warn!("CONFIG SET on the local Redis refused: {}", String::from_utf8_lossy(r).trim());
+                        match roundtrip(&mut s, &setup, timeout).await {
+                            Ok(replies) => {
+                                for r in replies.iter().filter(|r| resp::is_error(r)) {
+                                    warn!(
+                                        "CONFIG SET on the local Redis refused: {}",
+                                        String::from_utf8_lossy(r).trim()
+                                    );
+                                }
+                            }
+                            // Unanswered: a late answer would be taken for the next
+                            // question's, so this connection is not used.
+                            Err(e) => {
+                                record(&shell, side, Err(classify(&e)));
+                                monoio::time::sleep(shell.poll).await;
+                                continue;
                             }
                         }
                     }

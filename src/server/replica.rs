@@ -744,9 +744,9 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 async fn open_redis(repl: &Repl, addr: &str) -> Result<(Conn, String), String> {
-    let up = &repl.core.shared.upstream;
-    let cfg = &up.cfg;
     let sock = resolve(addr)?;
+    let up = &repl.core.shared.upstream.naming(sock, crate::tls::host_of(addr));
+    let cfg = &up.cfg;
     let mut s = connect_redis(up, sock, 2, 0).await?;
     let info = roundtrip(&mut s, &[vec![b"INFO".to_vec(), b"server".to_vec()]], cfg.connect_timeout_ms).await?;
     let text = String::from_utf8_lossy(&info[0]);

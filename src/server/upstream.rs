@@ -38,6 +38,15 @@ impl Upstream {
         }
     }
 
+    /// This upstream with `addr`'s certificate checked against `host` (a `[[peers]] redis`
+    /// name resolved just now, whose address may have moved since start).
+    pub(crate) fn naming(&self, addr: SocketAddr, host: &str) -> Upstream {
+        let mut up = self.clone();
+        up.names.retain(|(a, _)| *a != addr);
+        up.names.push((addr, host.to_string()));
+        up
+    }
+
     /// A TCP (or TLS) connection to `addr`, nothing sent yet.
     pub(crate) async fn open(&self, addr: SocketAddr) -> Result<Conn, String> {
         let host = self.host_for(addr);
@@ -48,14 +57,12 @@ impl Upstream {
 /// Native mode: which run of the Redis at `addr` `stream` reaches (`route::run_id_hash` of its
 /// `run_id`; 0 when unknown). An ACL user without `INFO` permission asks over a connection
 /// of the proxy's own identity to the same address (a Redis restart in between would have
-/// closed `stream` too).
-pub(crate) async fn run_of(up: &Upstream, addr: SocketAddr, stream: &mut Conn) -> u64 {
+/// closed `stream` too). `None`: `stream` did not answer and must not be used (a late answer
+/// would be taken for the next request's).
+pub(crate) async fn run_of(up: &Upstream, addr: SocketAddr, stream: &mut Conn) -> Option<u64> {
     let info_cmd = [vec![b"INFO".to_vec(), b"server".to_vec()]];
-    match roundtrip(stream, &info_cmd, up.cfg.connect_timeout_ms).await.ok().and_then(|r| r.into_iter().next()) {
-        Some(r) if resp::is_error(&r) => run_via_own_identity(up, addr).await,
-        Some(r) => run_from_info(&r),
-        None => 0,
-    }
+    let reply = roundtrip(stream, &info_cmd, up.cfg.connect_timeout_ms).await.ok()?.into_iter().next()?;
+    Some(if resp::is_error(&reply) { run_via_own_identity(up, addr).await } else { run_from_info(&reply) })
 }
 
 /// [`run_of`] over a connection of the proxy's own identity.

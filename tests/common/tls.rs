@@ -142,6 +142,77 @@ impl TlsConn {
         Ok(TlsConn { stream, buf: BytesMut::new(), skim: ReplySkimmer::new() })
     }
 
+    /// [`TlsConn::connect`] (no client certificate) sending `first` in the same socket write
+    /// as the handshake's last message, as a client that does not wait does.
+    pub fn connect_sending(port: u16, ca: &Path, first: &[u8]) -> Result<TlsConn, String> {
+        let mut c = TlsConn::connect_unstarted(port, ca)?;
+        c.stream.conn.set_buffer_limit(None);
+        c.stream.conn.writer().write_all(first).map_err(|e| e.to_string())?;
+        while c.stream.conn.is_handshaking() {
+            let mut out = Vec::new();
+            while c.stream.conn.wants_write() {
+                c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
+            }
+            c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
+            if !c.stream.conn.is_handshaking() {
+                break;
+            }
+            c.stream.conn.read_tls(&mut c.stream.sock).map_err(|e| e.to_string())?;
+            c.stream.conn.process_new_packets().map_err(|e| e.to_string())?;
+        }
+        // Finished and the buffered request, in one write.
+        let mut out = Vec::new();
+        while c.stream.conn.wants_write() {
+            c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
+        }
+        c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    /// Handshake, then in one socket write: the last handshake message, a close_notify
+    /// alert and `junk` bytes after it (a misbehaving or hostile client).
+    pub fn finish_then_close_with_junk(port: u16, ca: &Path, junk: &[u8]) -> Result<(), String> {
+        let mut c = TlsConn::connect_unstarted(port, ca)?;
+        while c.stream.conn.is_handshaking() {
+            let mut out = Vec::new();
+            while c.stream.conn.wants_write() {
+                c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
+            }
+            c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
+            if !c.stream.conn.is_handshaking() {
+                break;
+            }
+            c.stream.conn.read_tls(&mut c.stream.sock).map_err(|e| e.to_string())?;
+            c.stream.conn.process_new_packets().map_err(|e| e.to_string())?;
+        }
+        c.stream.conn.send_close_notify();
+        let mut out = Vec::new();
+        while c.stream.conn.wants_write() {
+            c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
+        }
+        out.extend_from_slice(junk);
+        c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn connect_unstarted(port: u16, ca: &Path) -> Result<TlsConn, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+            roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("127.0.0.1").expect("ip name");
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        Ok(TlsConn { stream: rustls::StreamOwned::new(conn, tcp), buf: BytesMut::new(), skim: ReplySkimmer::new() })
+    }
+
     /// The DER of the certificate the server showed.
     pub fn server_cert(&self) -> Vec<u8> {
         self.stream.conn.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default()
