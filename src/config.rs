@@ -384,7 +384,10 @@ impl Config {
         if self.node.threads > 1024 {
             return bad(
                 "node.threads",
-                format!("{} is more threads than makes sense (0 = chosen from the cores, see conf/resplica.toml)", self.node.threads),
+                format!(
+                    "{} is more threads than makes sense (0 = chosen from the cores, see conf/resplica.toml)",
+                    self.node.threads
+                ),
             );
         }
         if self.redis.request_timeout_ms == 0 {
