@@ -21,10 +21,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use monoio::io::AsyncWriteRentExt;
-
-use super::conn::Conn;
 use monoio::net::TcpListener;
 
+use super::conn::Conn;
 use super::io::read_more;
 use super::upstream::{connect_redis, roundtrip};
 use super::Core;

@@ -17,10 +17,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
-
-use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{debug, warn};
 
+use super::conn::{Conn, ConnReader, ConnWriter};
 use super::io::read_more;
 use super::sink::{ReplyTarget, Sink};
 use super::stall::{tick_for, StallClock};

@@ -23,10 +23,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
-
-use super::conn::{ConnReader, ConnWriter};
 use tracing::{info, warn};
 
+use super::conn::{ConnReader, ConnWriter};
 use super::io::read_more;
 use super::sink::{deliver_to, Sink};
 use super::stall::{tick_for, StallClock};

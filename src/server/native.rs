@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{ListenerOpts, TcpListener};
-
-use super::conn::Conn;
 use tracing::{info, warn};
 
+use super::conn::Conn;
 use super::io::read_more;
 use super::upstream::{connect_redis, roundtrip};
 use super::Core;

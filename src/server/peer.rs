@@ -21,10 +21,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpListener;
-
-use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{debug, info, warn};
 
+use super::conn::{Conn, ConnReader, ConnWriter};
 use super::io::read_more;
 use super::sink::{Held, ReplyTarget, Sink};
 use super::Signal;

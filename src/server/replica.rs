@@ -19,10 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{ListenerOpts, TcpListener};
-
-use super::conn::{Conn, ConnReader, ConnWriter};
 use tracing::{info, warn};
 
+use super::conn::{Conn, ConnReader, ConnWriter};
 use super::io::read_more;
 use super::peer::{self, LinkWait, PeerConn, PeerHandler, PeerLink};
 use super::sink::{deliver_to, Held, Sink};
