@@ -31,7 +31,7 @@ struct Cli {
     /// Address of the local Redis ([redis] address).
     #[arg(long, value_name = "ADDR")]
     redis: Option<SocketAddr>,
-    /// Runtime threads; 0 = one per core ([node] threads).
+    /// Runtime threads; 0 = the CPU quota's, else one per core but one ([node] threads).
     #[arg(long)]
     threads: Option<usize>,
     /// auto, io_uring or epoll ([node] io_driver).

@@ -2,7 +2,8 @@
 //! also the peer's; per Redis ACL user too, made on first use, see `Core::user_lane`;
 //! connecting itself is `upstream`'s). Requests from every
 //! client of the core (and writes hopping in from other cores) are appended to one output
-//! buffer and written once per event-loop turn; replies come back in order and are matched to
+//! buffer and written together: at once when the lane is idle, else when the batch in flight
+//! is answered (`[redis] pipeline_batches`); replies come back in order and are matched to
 //! their senders first-in first-out.
 //!
 //! In a native-mode pair with `write_ack = "all"`, every batch that carries a write ends with

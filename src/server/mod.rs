@@ -1,4 +1,4 @@
-//! The runtime shell: monoio runtimes, one per core, each accepting on the client port with
+//! The runtime shell: monoio runtimes, one per runtime thread, each accepting on the client port with
 //! SO_REUSEPORT and owning its clients, its shared upstream connections ("lanes") and the
 //! clients' dedicated upstream connections. Everything protocol-shaped is decided in `resp`,
 //! `command` and `session`; this module only moves bytes and keeps time.

@@ -66,14 +66,8 @@ impl Pki {
 
     /// A certificate for `localhost` and 127.0.0.1, named `cn`, written as `<file>.crt/.key`.
     pub fn issue(&self, file: &str, cn: &str) -> CertFiles {
-        let key = KeyPair::generate().expect("key");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).expect("sign");
         let files = CertFiles { cert: self.dir.join(format!("{file}.crt")), key: self.dir.join(format!("{file}.key")) };
-        write_atomically(&files.cert, cert.pem().as_bytes());
-        write_atomically(&files.key, key.serialize_pem().as_bytes());
+        self.rotate(&files, cn);
         files
     }
 
@@ -113,104 +107,71 @@ impl TlsConn {
     /// Connect to 127.0.0.1:`port`, verifying the server against `ca`, showing `client` when
     /// given. The handshake completes before this returns (its error is the `Err`).
     pub fn connect(port: u16, ca: &Path, client: Option<&CertFiles>) -> Result<TlsConn, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-            roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let mut c = TlsConn::unstarted(port, ca, client)?;
+        while c.stream.conn.is_handshaking() {
+            c.stream.conn.complete_io(&mut c.stream.sock).map_err(|e| format!("handshake: {e}"))?;
         }
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots);
-        let config = match client {
-            None => builder.with_no_client_auth(),
-            Some(c) => builder
-                .with_client_auth_cert(
-                    vec![CertificateDer::from_pem_file(&c.cert).map_err(|e| e.to_string())?],
-                    PrivateKeyDer::from_pem_file(&c.key).map_err(|e| e.to_string())?,
-                )
-                .map_err(|e| e.to_string())?,
-        };
-        let name = ServerName::try_from("127.0.0.1").expect("ip name");
-        let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-        let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        let mut stream = rustls::StreamOwned::new(conn, tcp);
-        while stream.conn.is_handshaking() {
-            stream.conn.complete_io(&mut stream.sock).map_err(|e| format!("handshake: {e}"))?;
-        }
-        Ok(TlsConn { stream, buf: BytesMut::new(), skim: ReplySkimmer::new() })
+        Ok(c)
     }
 
     /// [`TlsConn::connect`] (no client certificate) sending `first` in the same socket write
     /// as the handshake's last message, as a client that does not wait does.
     pub fn connect_sending(port: u16, ca: &Path, first: &[u8]) -> Result<TlsConn, String> {
-        let mut c = TlsConn::connect_unstarted(port, ca)?;
+        let mut c = TlsConn::unstarted(port, ca, None)?;
         c.stream.conn.set_buffer_limit(None);
         c.stream.conn.writer().write_all(first).map_err(|e| e.to_string())?;
-        while c.stream.conn.is_handshaking() {
-            let mut out = Vec::new();
-            while c.stream.conn.wants_write() {
-                c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
-            }
-            c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
-            if !c.stream.conn.is_handshaking() {
-                break;
-            }
-            c.stream.conn.read_tls(&mut c.stream.sock).map_err(|e| e.to_string())?;
-            c.stream.conn.process_new_packets().map_err(|e| e.to_string())?;
-        }
-        // Finished and the buffered request, in one write.
-        let mut out = Vec::new();
-        while c.stream.conn.wants_write() {
-            c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
-        }
-        c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
+        c.until_last_flight()?;
+        c.send_queued(&[])?;
         Ok(c)
     }
 
     /// Handshake, then in one socket write: the last handshake message, a close_notify
     /// alert and `junk` bytes after it (a misbehaving or hostile client).
     pub fn finish_then_close_with_junk(port: u16, ca: &Path, junk: &[u8]) -> Result<(), String> {
-        let mut c = TlsConn::connect_unstarted(port, ca)?;
-        while c.stream.conn.is_handshaking() {
-            let mut out = Vec::new();
-            while c.stream.conn.wants_write() {
-                c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
-            }
-            c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
-            if !c.stream.conn.is_handshaking() {
-                break;
-            }
-            c.stream.conn.read_tls(&mut c.stream.sock).map_err(|e| e.to_string())?;
-            c.stream.conn.process_new_packets().map_err(|e| e.to_string())?;
-        }
+        let mut c = TlsConn::unstarted(port, ca, None)?;
+        c.until_last_flight()?;
         c.stream.conn.send_close_notify();
-        let mut out = Vec::new();
-        while c.stream.conn.wants_write() {
-            c.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
-        }
-        out.extend_from_slice(junk);
-        c.stream.sock.write_all(&out).map_err(|e| e.to_string())?;
-        Ok(())
+        c.send_queued(junk)
     }
 
-    fn connect_unstarted(port: u16, ca: &Path) -> Result<TlsConn, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-            roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        }
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    /// A TCP connection and a client session, nothing sent yet. The session is built by
+    /// the proxy's own `tls::client_config` (the same rustls settings a sidecar uses).
+    fn unstarted(port: u16, ca: &Path, client: Option<&CertFiles>) -> Result<TlsConn, String> {
+        let settings = resplica::tls::TlsConfig {
+            ca_file: ca.display().to_string(),
+            cert_file: client.map(|c| c.cert_str()).unwrap_or_default(),
+            key_file: client.map(|c| c.key_str()).unwrap_or_default(),
+            ..Default::default()
+        };
+        let config = resplica::tls::client_config("test client", &settings).map_err(|e| e.to_string())?;
         let name = ServerName::try_from("127.0.0.1").expect("ip name");
         let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
         let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
         tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
         Ok(TlsConn { stream: rustls::StreamOwned::new(conn, tcp), buf: BytesMut::new(), skim: ReplySkimmer::new() })
+    }
+
+    /// Run the handshake up to the client's last flight, which stays queued (unsent).
+    fn until_last_flight(&mut self) -> Result<(), String> {
+        while self.stream.conn.is_handshaking() {
+            self.send_queued(&[])?;
+            if !self.stream.conn.is_handshaking() {
+                break;
+            }
+            self.stream.conn.read_tls(&mut self.stream.sock).map_err(|e| e.to_string())?;
+            self.stream.conn.process_new_packets().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Everything the session has queued, then `extra`, in one socket write.
+    fn send_queued(&mut self, extra: &[u8]) -> Result<(), String> {
+        let mut out = Vec::new();
+        while self.stream.conn.wants_write() {
+            self.stream.conn.write_tls(&mut out).map_err(|e| e.to_string())?;
+        }
+        out.extend_from_slice(extra);
+        self.stream.sock.write_all(&out).map_err(|e| e.to_string())
     }
 
     /// The DER of the certificate the server showed.
