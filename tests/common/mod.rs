@@ -64,6 +64,18 @@ pub fn free_port() -> u16 {
 }
 
 /// A fresh file path in the cargo test temp directory.
+/// `RESPLICA_TEST_IO_DRIVER=epoll cargo test` runs every sidecar the harness starts on that
+/// io driver, unless its arguments or config (`config_text`) choose one themselves: the
+/// epoll driver is what containers get, so the suite runs on it too (`.ci/run`).
+pub fn io_driver_args(args: &[String], config_text: &str) -> Vec<String> {
+    match std::env::var("RESPLICA_TEST_IO_DRIVER") {
+        Ok(d) if !d.is_empty() && !args.iter().any(|a| a == "--io-driver") && !config_text.contains("io_driver") => {
+            vec!["--io-driver".into(), d]
+        }
+        _ => Vec::new(),
+    }
+}
+
 pub fn temp_path(prefix: &str, ext: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("resplica-it");
     std::fs::create_dir_all(&dir).expect("create temp dir");
@@ -482,8 +494,15 @@ impl Proxy {
             let port = free_port();
             let log = temp_path("resplica", "log");
             let logf = std::fs::File::create(&log).expect("proxy log file");
+            let config_text = args
+                .iter()
+                .position(|a| a == "--config")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|path| std::fs::read_to_string(path).ok())
+                .unwrap_or_default();
             let child = Command::new(env!("CARGO_BIN_EXE_resplica"))
                 .args(&args)
+                .args(io_driver_args(&args, &config_text))
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())

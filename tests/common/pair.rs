@@ -407,6 +407,7 @@ impl Node {
         let child = Command::new(env!("CARGO_BIN_EXE_resplica"))
             .arg("--config")
             .arg(&self.config)
+            .args(super::io_driver_args(&[], &self.config_text))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

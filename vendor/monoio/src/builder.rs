@@ -33,7 +33,8 @@ scoped_thread_local!(pub(crate) static BUILD_THREAD_ID: usize);
 
 impl<T> Default for RuntimeBuilder<T> {
     /// Create a default runtime builder
-    #[must_use]
+    // resplica patch: `#[must_use]` dropped here (on a trait method in an impl block newer
+    // compilers warn that it will become an error).
     fn default() -> Self {
         RuntimeBuilder::<T>::new()
     }

@@ -69,6 +69,15 @@ pub(crate) trait OpAble {
     fn legacy_interest(&self) -> Option<(super::ready::Direction, usize)>;
     #[cfg(any(feature = "legacy", feature = "poll-io"))]
     fn legacy_call(&mut self) -> io::Result<u32>;
+
+    /// resplica patch: whether a `legacy_call` that returned `n` left the fd with nothing
+    /// more to read, so the driver may forget its read readiness and wait for the next
+    /// edge instead of paying a syscall that returns EAGAIN.
+    #[cfg(any(feature = "legacy", feature = "poll-io"))]
+    #[inline]
+    fn legacy_drained(&mut self, _n: u32) -> bool {
+        false
+    }
 }
 
 /// If legacy is enabled and iouring is not, we can expose io interface in a poll-like way.

@@ -298,10 +298,17 @@ impl LegacyInner {
         }
 
         match OpAble::legacy_call(data) {
-            Ok(n) => Poll::Ready(CompletionMeta {
-                result: Ok(n),
-                flags: 0,
-            }),
+            Ok(n) => {
+                // resplica patch: forget READABLE (not READ_CLOSED: a FIN that came with
+                // the data must still be read) once a stream read drained the socket.
+                if data.legacy_drained(n) {
+                    ref_mut.clear_readiness(Ready::READABLE);
+                }
+                Poll::Ready(CompletionMeta {
+                    result: Ok(n),
+                    flags: 0,
+                })
+            }
             Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {
                 ref_mut.clear_readiness(direction.mask());
                 ref_mut.set_waker(cx, direction);

@@ -49,11 +49,28 @@ pub(crate) struct Recv<T> {
 
     /// Reference to the in-flight buffer.
     pub(crate) buf: T,
+
+    /// resplica patch: the fd is a stream socket, where a read shorter than the buffer
+    /// means the receive queue was emptied (not true of datagram sockets).
+    stream: bool,
 }
 
 impl<T: IoBufMut> Op<Recv<T>> {
     pub(crate) fn recv(fd: SharedFd, buf: T) -> io::Result<Self> {
-        Op::submit_with(Recv { fd, buf })
+        Op::submit_with(Recv {
+            fd,
+            buf,
+            stream: false,
+        })
+    }
+
+    /// resplica patch: `recv` on a stream socket (TCP, Unix stream).
+    pub(crate) fn recv_stream(fd: SharedFd, buf: T) -> io::Result<Self> {
+        Op::submit_with(Recv {
+            fd,
+            buf,
+            stream: true,
+        })
     }
 
     #[allow(unused)]
@@ -61,6 +78,7 @@ impl<T: IoBufMut> Op<Recv<T>> {
         Recv {
             fd: fd.clone(),
             buf,
+            stream: false,
         }
     }
 
@@ -94,6 +112,15 @@ impl<T: IoBufMut> OpAble for Recv<T> {
     #[inline]
     fn legacy_interest(&self) -> Option<(Direction, usize)> {
         self.fd.registered_index().map(|idx| (Direction::Read, idx))
+    }
+
+    /// resplica patch: a stream read that filled less than its buffer emptied the receive
+    /// queue (data arriving later raises a new epoll edge), like tokio's `poll_read`.
+    /// An empty read (EOF) keeps the readiness, so the EOF is seen again.
+    #[cfg(any(feature = "legacy", feature = "poll-io"))]
+    #[inline]
+    fn legacy_drained(&mut self, n: u32) -> bool {
+        self.stream && n > 0 && (n as usize) < self.buf.bytes_total()
     }
 
     #[cfg(all(any(feature = "legacy", feature = "poll-io"), unix))]
