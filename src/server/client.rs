@@ -393,6 +393,7 @@ async fn read_loop(client: Rc<Client>, mut rd: ConnReader) {
     let mut hold_since: Option<std::time::Instant> = None;
     let mut holding = false;
     let connected_at = Instant::now();
+    let mut read_at = connected_at;
     let hold_limit = std::time::Duration::from_millis(client.core.shared.cfg.redis.request_timeout_ms);
     'conn: loop {
         // Act on everything already buffered.
@@ -417,7 +418,9 @@ async fn read_loop(client: Rc<Client>, mut rd: ConnReader) {
                     }
                 },
             };
-            let parsed_at = fresh.then(Instant::now);
+            // Requests are stamped with the time their bytes were read (one clock read per
+            // socket read, not per request).
+            let parsed_at = fresh.then_some(read_at);
             let action = {
                 let env = client.core.env.borrow();
                 client.session.borrow_mut().on_request(&req, &env)
@@ -563,7 +566,10 @@ async fn read_loop(client: Rc<Client>, mut rd: ConnReader) {
         buf = b;
         match res {
             Ok(0) | Err(_) => break,
-            Ok(n) => client.core.metrics.bytes_in.add(n as u64),
+            Ok(n) => {
+                read_at = Instant::now();
+                client.core.metrics.bytes_in.add(n as u64)
+            }
         }
     }
     // Let the writer flush what is owed, then close.
