@@ -602,8 +602,86 @@ pub fn is_error(reply: &[u8]) -> bool {
     matches!(reply.first(), Some(b'-') | Some(b'!'))
 }
 
+/// Frames larger than this join a [`WriteBatch`] as their own buffer (shared, not copied).
+pub const BATCH_COPY_LIMIT: usize = 16 * 1024;
+
+/// Frames gathered for one write to a socket: small frames are copied into one buffer, a
+/// frame larger than [`BATCH_COPY_LIMIT`] is kept as its own `Bytes` (a reference count,
+/// not a copy), so a batch holding a 100 MB value costs no 100 MB copy.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    chunks: std::collections::VecDeque<Bytes>,
+    current: BytesMut,
+    len: usize,
+}
+
+impl WriteBatch {
+    /// Add a frame (shared when large).
+    pub fn push(&mut self, frame: &Bytes) {
+        if frame.len() > BATCH_COPY_LIMIT {
+            self.seal();
+            self.chunks.push_back(frame.clone());
+        } else {
+            self.current.extend_from_slice(frame);
+        }
+        self.len += frame.len();
+    }
+
+    /// Add bytes that are not a `Bytes` of their own (always copied).
+    pub fn push_slice(&mut self, bytes: &[u8]) {
+        self.current.extend_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// Bytes gathered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drop everything gathered.
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.current.clear();
+        self.len = 0;
+    }
+
+    /// Everything gathered, as buffers to write in order; the batch is empty after.
+    pub fn take(&mut self) -> std::collections::VecDeque<Bytes> {
+        self.seal();
+        self.len = 0;
+        std::mem::take(&mut self.chunks)
+    }
+
+    fn seal(&mut self) {
+        if !self.current.is_empty() {
+            self.chunks.push_back(self.current.split().freeze());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_write_batch_copies_small_frames_and_shares_large_ones() {
+        let mut b = super::WriteBatch::default();
+        let big = Bytes::from(vec![b'x'; super::BATCH_COPY_LIMIT + 1]);
+        b.push(&Bytes::from_static(b"+a\r\n"));
+        b.push_slice(b"+b\r\n");
+        b.push(&big);
+        b.push(&Bytes::from_static(b"+c\r\n"));
+        assert_eq!(b.len(), 12 + big.len());
+        let chunks = b.take();
+        assert!(b.is_empty());
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(&chunks[0][..], b"+a\r\n+b\r\n");
+        assert_eq!(chunks[1].as_ptr(), big.as_ptr(), "the large frame is shared, not copied");
+        assert_eq!(&chunks[2][..], b"+c\r\n");
+    }
+
     use super::*;
 
     fn parse_all(input: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, ProtoError> {

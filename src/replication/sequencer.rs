@@ -866,13 +866,14 @@ impl Sequencer {
         }
     }
 
-    /// The next batch of frames to write on stream `s` (SELECT/HELLO inserted as needed).
-    pub fn take_batch(&mut self, s: usize) -> Option<BytesMut> {
+    /// The next batch of frames to write on stream `s` (SELECT/HELLO inserted as needed), as
+    /// buffers to write in order: large frames are shared with the log, not copied.
+    pub fn take_batch(&mut self, s: usize) -> Option<VecDeque<Bytes>> {
         if !self.streams[s].has_unsent() {
             return None;
         }
         let st = &mut self.streams[s];
-        let mut out = BytesMut::new();
+        let mut out = resp::WriteBatch::default();
         while out.len() < BATCH_BYTES {
             let Some(e) = st.log.get(st.unsent) else { break };
             match &e.payload {
@@ -882,17 +883,17 @@ impl Sequencer {
                 }
                 Payload::Cmd { frame, replies } => {
                     if st.cur_db != Some(e.db) {
-                        out.extend_from_slice(&crate::command::frames::select(e.db));
+                        out.push(&crate::command::frames::select(e.db));
                         st.expect.push_back(Expect { seq: None, left: 1, got: SmallVec::new() });
                         st.cur_db = Some(e.db);
                     }
                     let proto = if e.proto >= 3 { 3 } else { 2 };
                     if st.cur_proto != proto {
-                        out.extend_from_slice(&crate::command::frames::hello(proto));
+                        out.push(&crate::command::frames::hello(proto));
                         st.expect.push_back(Expect { seq: None, left: 1, got: SmallVec::new() });
                         st.cur_proto = proto;
                     }
-                    out.extend_from_slice(frame);
+                    out.push(frame);
                     st.expect.push_back(Expect { seq: Some(e.seq), left: *replies, got: SmallVec::new() });
                     if e.changes_db {
                         st.cur_db = None;
@@ -905,7 +906,7 @@ impl Sequencer {
         // come to complete them).
         self.drain_empty_expects(s, 0);
         self.release();
-        Some(out)
+        Some(out.take())
     }
 
     /// A reply arrived on stream `s`. `Err` means the stream is out of step (drop it).
@@ -1612,8 +1613,9 @@ mod tests {
         vec![Request::from_args(a)]
     }
 
-    fn text(b: &BytesMut) -> String {
-        String::from_utf8_lossy(b).replace("\r\n", " ")
+    fn text(b: &VecDeque<Bytes>) -> String {
+        let joined: Vec<u8> = b.iter().flat_map(|c| c.iter().copied()).collect();
+        String::from_utf8_lossy(&joined).replace("\r\n", " ")
     }
 
     #[test]

@@ -37,10 +37,6 @@ use crate::resp::{self, ReplySkimmer};
 use crate::route::NativeRoute;
 use crate::session::AclUser;
 
-/// Frames larger than this are written as their own buffer instead of being copied into the
-/// coalescing buffer.
-const COPY_LIMIT: usize = 16 * 1024;
-
 /// A batch this large is written even while earlier ones wait for replies.
 const BATCH_MAX_COMMANDS: usize = 1024;
 
@@ -116,9 +112,8 @@ struct LaneState {
     down_reason: String,
     /// Database the connection is in once everything queued has run.
     db: u32,
-    /// Frames waiting to be written, coalesced.
-    out: VecDeque<Bytes>,
-    current: BytesMut,
+    /// Frames waiting to be written, coalesced (large ones shared, not copied).
+    out: resp::WriteBatch,
     /// Senders waiting for replies, oldest first.
     sinks: VecDeque<Pending>,
     /// Requests queued since the last write to Redis, and how many of them are writes.
@@ -199,8 +194,7 @@ impl Lane {
                 stopping: false,
                 down_reason: "not connected yet".into(),
                 db: 0,
-                out: VecDeque::new(),
-                current: BytesMut::new(),
+                out: resp::WriteBatch::default(),
                 sinks: VecDeque::new(),
                 unflushed: 0,
                 unflushed_writes: 0,
@@ -354,15 +348,7 @@ impl Lane {
 
 impl LaneState {
     fn push_frame(&mut self, frame: &Bytes) {
-        if frame.len() > COPY_LIMIT {
-            if !self.current.is_empty() {
-                let chunk = self.current.split().freeze();
-                self.out.push_back(chunk);
-            }
-            self.out.push_back(frame.clone());
-        } else {
-            self.current.extend_from_slice(frame);
-        }
+        self.out.push(frame);
     }
 
     /// Everything queued, as chunks to write; ends a batch that carries writes with `wait`
@@ -395,11 +381,7 @@ impl LaneState {
         }
         self.unflushed = 0;
         self.unflushed_writes = 0;
-        if !self.current.is_empty() {
-            let chunk = self.current.split().freeze();
-            self.out.push_back(chunk);
-        }
-        std::mem::take(&mut self.out)
+        self.out.take()
     }
 }
 
@@ -511,7 +493,6 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     st.connected = false;
                     st.down_reason = reason.clone();
                     st.out.clear();
-                    st.current.clear();
                 }
                 let closing = lane.st.borrow().stopping;
                 if !closing {
@@ -536,7 +517,6 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     {
                         let mut st = lane.st.borrow_mut();
                         st.out.clear();
-                        st.current.clear();
                     }
                     lane.fail_all(&format!("Redis refused this user's credentials: {e}"));
                     lane.stop();
@@ -549,7 +529,6 @@ pub(crate) async fn run(lane: Rc<Lane>) {
                     {
                         let mut st = lane.st.borrow_mut();
                         st.out.clear();
-                        st.current.clear();
                         st.db = 0;
                     }
                     lane.fail_all(&format!("Redis at {} is unavailable ({e})", lane.addr));

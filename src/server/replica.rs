@@ -809,9 +809,11 @@ async fn stream_writer(repl: &Repl, s: usize, gen: u64, mut wr: ConnWriter, wake
             None => return "no longer the writer".into(),
         };
         match batch {
-            Some(b) => {
-                if let Err(e) = wr.write_all(b.freeze()).await.0 {
-                    return format!("write: {e}");
+            Some(chunks) => {
+                for chunk in chunks {
+                    if let Err(e) = wr.write_all(chunk).await.0 {
+                        return format!("write: {e}");
+                    }
                 }
             }
             None => wake.wait().await,
