@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::command::{self, CommandDef};
+use crate::replication::writer_request::WriterRequest;
 use crate::resp::{self, parse_int, Request};
 use crate::slot::key_slot;
 
@@ -85,6 +86,9 @@ pub struct Forward {
     /// the dedicated connection: its reply waits for the replica (EXEC of a block that wrote,
     /// a write outside MULTI), never set for a command Redis only queues.
     pub write: bool,
+    /// On [`Lane::Writer`] (mirror mode): the request as the writer's sequencer takes it,
+    /// parsed and classified here (`frame` is empty for a MULTI … EXEC block).
+    pub writer: Option<WriterRequest>,
 }
 
 /// What CLIENT LIST shows of a client; published by the shell to a registry all cores read.
@@ -336,7 +340,7 @@ pub struct Session {
     current: Option<&'static command::CommandDef>,
     inflight: Inflight,
     /// Pair mode, inside MULTI: the queued commands (sent as one block at EXEC).
-    queued: Vec<Bytes>,
+    queued: Vec<Request>,
     /// Pair mode: a command was refused while queuing (EXEC then aborts, like Redis).
     queue_failed: bool,
     /// Pair mode: the database the last queued SELECT moves the client to at EXEC.
@@ -831,6 +835,7 @@ impl Session {
             any_db: false,
             allow_busy: def.is_some_and(|d| d.flags & command::F_ALLOW_BUSY != 0),
             write: command::is_write(def),
+            writer: (lane == Lane::Writer).then(|| WriterRequest::one(req.clone())),
         })
     }
 
@@ -931,15 +936,6 @@ impl Session {
                         self.local_reply(resp::error("EXECABORT Transaction discarded because of previous errors.")),
                     );
                 }
-                let mut block = BytesMut::new();
-                // `MULTI WATCHED` tells the sequencer to check this client's WATCH (and to
-                // abort if it has no record of it: the writer changed since).
-                let head: &[&[u8]] = if watched { &[b"MULTI", b"WATCHED"] } else { &[b"MULTI"] };
-                block.extend_from_slice(&Request::from_args(head).frame);
-                for q in &queued {
-                    block.extend_from_slice(q);
-                }
-                block.extend_from_slice(&Request::from_args(&[b"EXEC"]).frame);
                 let discard = self.take_discard();
                 let tag = Tag { lane: Lane::Writer, scope: Scope::All };
                 self.inflight.add(tag);
@@ -951,13 +947,16 @@ impl Session {
                 Some(Action::Forward(Forward {
                     lane: Lane::Writer,
                     tag,
-                    frame: block.freeze(),
+                    frame: Bytes::new(),
                     db,
                     dedicated: DedicatedUse::No,
                     discard,
                     any_db: false,
                     write: true,
                     allow_busy: false,
+                    // `watched`: the writer checks this client's WATCH (and aborts the block
+                    // if it has no record of it: the writer changed since).
+                    writer: Some(WriterRequest::Block { queued, watched }),
                 }))
             }
             _ => {
@@ -977,7 +976,7 @@ impl Session {
                         self.queued_db = Some(n.max(0) as u32);
                     }
                 }
-                self.queued.push(req.frame.clone());
+                self.queued.push(req.clone());
                 Some(self.local_reply(resp::simple("QUEUED")))
             }
         }

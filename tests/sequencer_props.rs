@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use resplica::replication::sequencer::{Origin, ReplicaState, Sequencer};
+use resplica::replication::sequencer::{Origin, ReplicaState, Sequencer, WriterRequest};
 use resplica::resp::{Request, RequestParser};
 
 /// A fake Redis: the replies one batch of commands gets, in order.
@@ -20,8 +20,12 @@ struct FakeRedis {
 }
 
 impl FakeRedis {
-    fn take(&mut self, batch: &BytesMut) {
-        let mut buf = batch.clone();
+    /// One batch as the sequencer hands it out: buffers written in order.
+    fn take(&mut self, batch: &std::collections::VecDeque<Bytes>) {
+        let mut buf = BytesMut::new();
+        for chunk in batch {
+            buf.extend_from_slice(chunk);
+        }
         let mut p = RequestParser::new(1 << 30);
         while let Ok(Some(r)) = p.parse(&mut buf) {
             let name = r.arg(0).to_ascii_uppercase();
@@ -180,9 +184,12 @@ proptest! {
                 Op::Submit(k, c) => {
                     w.submitted += 1;
                     let o = Origin { ticket: w.submitted, client_key: w.submitted, db: 0, proto: 2 };
-                    let reqs = request(k, c);
-                    let write = c != 3;
-                    w.seq.submit(o, reqs, write, 1_000);
+                    let work = match WriterRequest::from_frames(request(k, c), false) {
+                        Some(WriterRequest::One { req, .. }) => WriterRequest::One { req, write: c != 3 },
+                        Some(block) => block,
+                        None => unreachable!("request() builds one command or a block"),
+                    };
+                    w.seq.submit(o, work, 1_000);
                     w.collect();
                 }
                 Op::Pump(s) => w.pump(s as usize),

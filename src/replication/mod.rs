@@ -10,6 +10,8 @@
 //!   evidence, failover, routing, partition recording and merge decisions.
 //! - [`acl`]: native mode: whether both Redis hold the same ACL users.
 //! - [`reply`]: the reply shapes the above look inside.
+//! - [`writer_request`]: mirror mode: a client's request, parsed once, on its way to the
+//!   writer (and its `RS.FWD` encoding).
 //!
 //! The runtime shell (`server::replica`, `server::peer`) feeds these with sockets and time.
 
@@ -20,3 +22,4 @@ pub mod mirror;
 pub mod native;
 pub mod reply;
 pub mod sequencer;
+pub mod writer_request;

@@ -23,6 +23,8 @@ use super::reply;
 use crate::command::{self, facts, F_BLOCKING};
 use crate::resp::{self, Request};
 
+pub use super::writer_request::WriterRequest;
+
 /// A write's position in the writer's global order.
 pub type Seq = u64;
 /// The shell's handle for where a reply goes.
@@ -495,8 +497,11 @@ impl Sequencer {
     }
 
     /// Blocked clients, for handing over to the next writer.
-    pub fn take_parked(&mut self) -> Vec<(Ticket, u64, u32, u8, Bytes)> {
-        self.parked.drain(..).map(|p| (p.ticket, p.client_key, p.db, p.proto, p.req.frame)).collect()
+    pub fn take_parked(&mut self) -> Vec<(Ticket, u64, u32, u8, WriterRequest)> {
+        self.parked
+            .drain(..)
+            .map(|p| (p.ticket, p.client_key, p.db, p.proto, WriterRequest::One { req: p.req, write: true }))
+            .collect()
     }
 
     /// A client went away: forget its WATCH and blocked pops. Returns the tickets of the
@@ -530,55 +535,61 @@ impl Sequencer {
         self.replies.push((ticket, resp::error(msg)));
     }
 
-    /// Sequence one client request: `reqs` is one command, or MULTI, commands..., EXEC.
-    /// `write` says whether it must reach every replica (else it runs on the primary only).
-    pub fn submit(&mut self, o: Origin, reqs: Vec<Request>, write: bool, now_ms: u64) {
-        let Some(first) = reqs.first() else { return };
+    /// Sequence one client request: one command (`write`: it must reach every replica, else
+    /// it runs on the primary only), or a MULTI … EXEC block.
+    pub fn submit(&mut self, o: Origin, work: WriterRequest, now_ms: u64) {
         // Requests come from clients and peers: check what the table can before anything
         // below indexes arguments (Redis's own error for the client).
-        let inner = if reqs.len() >= 2 { &reqs[1..reqs.len() - 1] } else { &reqs[..] };
-        for r in inner {
+        let checked: &[Request] = match &work {
+            WriterRequest::One { req, .. } => std::slice::from_ref(req),
+            WriterRequest::Block { queued, .. } => queued,
+        };
+        for r in checked {
+            if r.is_empty() {
+                return self.error(o.ticket, "ERR resplica: empty request on the writer path");
+            }
             if let Some(msg) = command::lookup(r).and_then(|d| command::arity_error(d, r)) {
                 return self.error(o.ticket, &msg);
             }
         }
-        let name = first.arg(0);
-        if reqs.len() == 1 && name.eq_ignore_ascii_case(b"watch") {
-            return self.watch(o, &reqs[0]);
-        }
-        if reqs.len() == 1 && name.eq_ignore_ascii_case(b"unwatch") {
-            self.watches.remove(&o.client_key);
-            self.stop_tracking_if_idle();
-            self.replies.push((o.ticket, resp::simple("OK")));
-            return;
+        if let WriterRequest::One { req, .. } = &work {
+            if req.arg(0).eq_ignore_ascii_case(b"watch") {
+                return self.watch(o, req);
+            }
+            if req.arg(0).eq_ignore_ascii_case(b"unwatch") {
+                self.watches.remove(&o.client_key);
+                self.stop_tracking_if_idle();
+                self.replies.push((o.ticket, resp::simple("OK")));
+                return;
+            }
         }
         let Some(primary) = self.primary() else {
             let names: Vec<&str> = self.streams.iter().map(|s| s.addr.as_str()).collect();
             return self
                 .error(o.ticket, &format!("ERR resplica: no Redis in sync is reachable ({})", names.join(", ")));
         };
-        if reqs.len() >= 2 {
-            // MULTI ... EXEC: the client's WATCH is checked here, where every write is seen.
-            // `MULTI WATCHED`: the client watched keys; without a record of it here (the
-            // writer changed since the WATCH) the transaction cannot be checked: abort it.
-            let watched = first.len() == 2 && first.arg(1).eq_ignore_ascii_case(b"watched");
-            let inner: Vec<Request> = reqs[1..reqs.len() - 1].to_vec();
-            let record = self.watches.remove(&o.client_key);
-            let touched = match &record {
-                None => true,
-                Some(w) => {
-                    w.seq < self.watch_floor
-                        || w.keys.iter().any(|k| self.last_write.get(k).is_some_and(|&s| s > w.seq))
+        let (req, write) = match work {
+            WriterRequest::Block { queued, watched } => {
+                // MULTI ... EXEC: the client's WATCH is checked here, where every write is
+                // seen. A watched block without a record of the WATCH here (the writer
+                // changed since) cannot be checked: abort it.
+                let record = self.watches.remove(&o.client_key);
+                let touched = match &record {
+                    None => true,
+                    Some(w) => {
+                        w.seq < self.watch_floor
+                            || w.keys.iter().any(|k| self.last_write.get(k).is_some_and(|&s| s > w.seq))
+                    }
+                };
+                self.stop_tracking_if_idle();
+                if watched && touched {
+                    self.replies.push((o.ticket, facts::null_array(o.proto)));
+                    return;
                 }
-            };
-            self.stop_tracking_if_idle();
-            if watched && touched {
-                self.replies.push((o.ticket, facts::null_array(o.proto)));
-                return;
+                return self.submit_block(o, primary, queued, Shape::Block, None, now_ms);
             }
-            return self.submit_block(o, primary, inner, Shape::Block, None, now_ms);
-        }
-        let req = reqs.into_iter().next().unwrap_or_else(|| Request::from_args(&[b"PING"]));
+            WriterRequest::One { req, write } => (req, write),
+        };
         let flags = command::lookup(&req).map(|d| d.flags).unwrap_or(0);
         if write && flags & F_BLOCKING != 0 && facts::blocks(&req, flags) {
             let keys: Vec<Bytes> = command::lookup(&req)
@@ -1609,8 +1620,18 @@ mod tests {
         Origin { ticket: t, client_key: t, db: 0, proto: 2 }
     }
 
+    /// One command (`write` as the client's core classified it), as `submit` takes it.
     fn req(a: &[&str]) -> Vec<Request> {
         vec![Request::from_args(a)]
+    }
+
+    fn submit(s: &mut Sequencer, o: Origin, reqs: Vec<Request>, write: bool, now_ms: u64) {
+        let work = match WriterRequest::from_frames(reqs, false) {
+            Some(WriterRequest::One { req, .. }) => WriterRequest::One { req, write },
+            Some(block) => block,
+            None => panic!("not a request"),
+        };
+        s.submit(o, work, now_ms);
     }
 
     fn text(b: &VecDeque<Bytes>) -> String {
@@ -1623,7 +1644,7 @@ mod tests {
         let mut s = seq2(true);
         assert_eq!(s.streams[0].state, ReplicaState::InSync);
         assert_eq!(s.streams[1].state, ReplicaState::InSync);
-        s.submit(o(1), req(&["SET", "k", "v"]), true, 0);
+        submit(&mut s, o(1), req(&["SET", "k", "v"]), true, 0);
         let a = s.take_batch(0).unwrap();
         let b = s.take_batch(1).unwrap();
         assert!(text(&a).ends_with("SET $1 k $1 v "), "{}", text(&a));
@@ -1641,8 +1662,8 @@ mod tests {
     fn down_replica_backlogs_and_replays_in_order() {
         let mut s = seq2(true);
         s.on_down(1, "test");
-        s.submit(o(1), req(&["INCR", "n"]), true, 0);
-        s.submit(o(2), req(&["INCR", "n"]), true, 0);
+        submit(&mut s, o(1), req(&["INCR", "n"]), true, 0);
+        submit(&mut s, o(2), req(&["INCR", "n"]), true, 0);
         assert!(s.take_batch(1).is_none());
         let _ = s.take_batch(0).unwrap();
         for r in [resp::simple("OK"), resp::int(1), resp::int(2)] {
@@ -1663,7 +1684,7 @@ mod tests {
     #[test]
     fn spop_ships_srem_of_what_was_popped() {
         let mut s = seq2(false);
-        s.submit(o(1), req(&["SPOP", "s"]), true, 0);
+        submit(&mut s, o(1), req(&["SPOP", "s"]), true, 0);
         assert!(s.take_batch(1).is_none(), "b waits for a's answer");
         let a = s.take_batch(0).unwrap();
         assert!(text(&a).contains("SPOP"));
@@ -1682,7 +1703,7 @@ mod tests {
         assert_eq!(s.streams[1].state, ReplicaState::Resyncing);
         assert_eq!(s.take_scans(), vec![1]);
         assert!(s.copy_key(0, Bytes::from_static(b"k"), 0, 1));
-        s.submit(o(1), req(&["SET", "k", "new"]), true, 0);
+        submit(&mut s, o(1), req(&["SET", "k", "new"]), true, 0);
         let b = s.take_batch(1).unwrap();
         assert!(
             text(&b).contains("FLUSHALL") && !text(&b).contains("SET"),
@@ -1709,32 +1730,24 @@ mod tests {
     #[test]
     fn watch_aborts_exec_after_a_write_to_the_key() {
         let mut s = seq2(false);
-        s.submit(o(1), req(&["WATCH", "k"]), false, 0);
-        s.submit(o(2), req(&["SET", "k", "x"]), true, 0);
-        let block = vec![
-            Request::from_args(&["MULTI", "WATCHED"]),
-            Request::from_args(&["SET", "k", "y"]),
-            Request::from_args(&["EXEC"]),
-        ];
-        s.submit(o(1), block, true, 0);
+        submit(&mut s, o(1), req(&["WATCH", "k"]), false, 0);
+        submit(&mut s, o(2), req(&["SET", "k", "x"]), true, 0);
+        let block = WriterRequest::Block { queued: vec![Request::from_args(&["SET", "k", "y"])], watched: true };
+        s.submit(o(1), block, 0);
         let r = s.take_replies();
         assert_eq!(r.len(), 2, "{r:?}");
         assert_eq!(&r[1].1[..], b"*-1\r\n");
         // Without a record of the WATCH (another writer took it), a watched EXEC aborts too.
-        let block = vec![
-            Request::from_args(&["MULTI", "WATCHED"]),
-            Request::from_args(&["SET", "k", "z"]),
-            Request::from_args(&["EXEC"]),
-        ];
-        s.submit(o(3), block, true, 0);
+        let block = WriterRequest::Block { queued: vec![Request::from_args(&["SET", "k", "z"])], watched: true };
+        s.submit(o(3), block, 0);
         assert_eq!(&s.take_replies()[0].1[..], b"*-1\r\n");
     }
 
     #[test]
     fn an_spop_that_pops_nothing_does_not_hold_up_the_other_stream() {
         let mut s = seq2(true);
-        s.submit(o(1), req(&["SPOP", "nokey"]), true, 0);
-        s.submit(o(2), req(&["SET", "k", "v"]), true, 0);
+        submit(&mut s, o(1), req(&["SPOP", "nokey"]), true, 0);
+        submit(&mut s, o(2), req(&["SET", "k", "v"]), true, 0);
         let _ = s.take_batch(0);
         for r in [resp::simple("OK"), resp::null(2), resp::simple("OK")] {
             s.on_reply(0, r, 0).unwrap();
@@ -1750,8 +1763,8 @@ mod tests {
     #[test]
     fn a_push_sequenced_while_a_pop_is_in_flight_wakes_it() {
         let mut s = seq2(false);
-        s.submit(o(1), req(&["BLPOP", "l", "0"]), true, 0);
-        s.submit(o(2), req(&["RPUSH", "l", "x"]), true, 0);
+        submit(&mut s, o(1), req(&["BLPOP", "l", "0"]), true, 0);
+        submit(&mut s, o(2), req(&["RPUSH", "l", "x"]), true, 0);
         let _ = s.take_batch(0);
         // The pop ran before the push: nothing to pop; it must be tried again, not parked.
         for r in [
@@ -1770,8 +1783,8 @@ mod tests {
     #[test]
     fn requests_with_wrong_arity_are_refused_before_use() {
         let mut s = seq2(false);
-        s.submit(o(1), req(&["BLMPOP"]), true, 0);
-        s.submit(o(2), req(&["EXPIRE", "k"]), true, 0);
+        submit(&mut s, o(1), req(&["BLMPOP"]), true, 0);
+        submit(&mut s, o(2), req(&["EXPIRE", "k"]), true, 0);
         let r = s.take_replies();
         assert_eq!(r.len(), 2);
         assert!(r.iter().all(|(_, e)| e.starts_with(b"-ERR wrong number of arguments")), "{r:?}");
@@ -1780,14 +1793,14 @@ mod tests {
     #[test]
     fn blocking_pop_parks_and_wakes_on_a_push() {
         let mut s = seq2(false);
-        s.submit(o(1), req(&["BLPOP", "l", "0"]), true, 0);
+        submit(&mut s, o(1), req(&["BLPOP", "l", "0"]), true, 0);
         let _ = s.take_batch(0);
         for r in [resp::simple("OK"), resp::simple("OK"), resp::simple("QUEUED"), Bytes::from_static(b"*1\r\n*-1\r\n")]
         {
             s.on_reply(0, r, 0).unwrap();
         }
         assert!(s.take_replies().is_empty(), "parked");
-        s.submit(o(2), req(&["RPUSH", "l", "x"]), true, 0);
+        submit(&mut s, o(2), req(&["RPUSH", "l", "x"]), true, 0);
         let a = text(&s.take_batch(0).unwrap());
         assert!(a.find("RPUSH").unwrap() < a.rfind("BLPOP").unwrap(), "{a}");
     }

@@ -26,6 +26,7 @@ use super::stall::{tick_for, StallClock};
 use super::upstream::{connect_redis_as, roundtrip};
 use super::{Core, CoreMsg, Signal};
 use crate::replication::native::Side;
+use crate::replication::writer_request::WriterRequest;
 use crate::resp::{self, ReplySkimmer, RequestParser};
 use crate::session::{AclUser, Action, ClientInfo, ClientQuery, DedicatedUse, Forward, Lane, Session, Tag};
 
@@ -629,8 +630,13 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let lane = core.lane(proto);
             if !lane.is_connected() && core.shared.cfg.mirror() {
                 // Pair mode: the local Redis is down; the writer's replicas serve the read.
+                // (Parsed again here: a shared lane's forward carries only its frame, and
+                // this is the failure path.)
                 core.shared.local_in_sync.store(false, std::sync::atomic::Ordering::Relaxed);
-                send_writer(client, seq, f.db, proto, f.frame);
+                match WriterRequest::decode(&f.frame, false) {
+                    Some(work) => send_writer(client, seq, f.db, proto, work),
+                    None => client.fill(seq, resp::error("ERR resplica: not a request for the writer path")),
+                }
             } else if let Err(reply) = lane.enqueue(f.db, f.frame, Sink::To(client.clone(), seq), f.write) {
                 client.fill(seq, reply);
             }
@@ -648,21 +654,16 @@ async fn dispatch(client: &Rc<Client>, f: Forward, dedicated: &mut Option<Dedica
             let seq = client.push_pending(Some(f.tag), f.discard);
             core.send(
                 owner,
-                CoreMsg::Request {
-                    from: core.idx,
-                    client: client.id,
-                    seq,
-                    db: f.db,
-                    proto,
-                    frame: f.frame,
-                    writer: false,
-                },
+                CoreMsg::Request { from: core.idx, client: client.id, seq, db: f.db, proto, frame: f.frame },
             );
         }
         Lane::Writer => {
             let proto = client.session.borrow().proto;
             let seq = client.push_pending(Some(f.tag), f.discard);
-            send_writer(client, seq, f.db, proto, f.frame);
+            match f.writer {
+                Some(work) => send_writer(client, seq, f.db, proto, work),
+                None => client.fill(seq, resp::error("ERR resplica: not a request for the writer path")),
+            }
         }
         Lane::Dedicated => {
             let (db, proto) = {
@@ -843,16 +844,16 @@ async fn verify_user(core: &Core, user: &AclUser) -> Result<(), bytes::Bytes> {
 }
 
 /// Send a request on the pair's writer path (core 0's replication shell).
-fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, frame: bytes::Bytes) {
+fn send_writer(client: &Rc<Client>, seq: u64, db: u32, proto: u8, work: WriterRequest) {
     let core = &client.core;
     if core.idx == 0 {
         let repl = core.repl.borrow().clone();
         match repl {
-            Some(r) => r.submit_client(Sink::To(client.clone(), seq), client.id, db, proto, frame),
+            Some(r) => r.submit_client(Sink::To(client.clone(), seq), client.id, db, proto, work),
             None => client.fill(seq, resp::error("ERR resplica: this node has no peers")),
         }
     } else {
-        core.send(0, CoreMsg::Request { from: core.idx, client: client.id, seq, db, proto, frame, writer: true });
+        core.send(0, CoreMsg::Writer { from: core.idx, client: client.id, seq, db, proto, work });
     }
 }
 

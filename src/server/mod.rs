@@ -33,6 +33,7 @@ use monoio::net::{ListenerOpts, TcpListener};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, IoDriver};
+use crate::replication::writer_request::WriterRequest;
 use crate::session::SessionEnv;
 
 pub use signal::Signal;
@@ -63,9 +64,11 @@ pub enum StartError {
 
 /// A message between cores.
 pub(crate) enum CoreMsg {
-    /// A write for a slot this core sequences.
-    /// `writer`: for the pair's writer path (core 0), not this core's lane.
-    Request { from: usize, client: u64, seq: u64, db: u32, proto: u8, frame: Bytes, writer: bool },
+    /// A request for this core's lane (a write for a slot this core sequences).
+    Request { from: usize, client: u64, seq: u64, db: u32, proto: u8, frame: Bytes },
+    /// Mirror mode: a request for the pair's writer path (core 0), as the client's core
+    /// parsed it.
+    Writer { from: usize, client: u64, seq: u64, db: u32, proto: u8, work: WriterRequest },
     /// The reply to a request forwarded by this core.
     Reply { client: u64, seq: u64, reply: Bytes },
     /// CLIENT KILL from a client of another core.
@@ -718,11 +721,11 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
     while let Ok(batch) = inbox.recv().await {
         for msg in batch {
             match msg {
-                CoreMsg::Request { from, client, seq, db, proto, frame, writer: true } => {
+                CoreMsg::Writer { from, client, seq, db, proto, work } => {
                     let sink = sink::Sink::Remote { core: from, client, seq };
                     let repl = core.repl.borrow().clone();
                     match repl {
-                        Some(r) => r.submit_client(sink, client, db, proto, frame),
+                        Some(r) => r.submit_client(sink, client, db, proto, work),
                         None => core.send(
                             from,
                             CoreMsg::Reply {
@@ -733,7 +736,7 @@ async fn inbox_loop(core: Rc<Core>, inbox: async_channel::Receiver<Vec<CoreMsg>>
                         ),
                     }
                 }
-                CoreMsg::Request { from, client, seq, db, proto, frame, writer: false } => {
+                CoreMsg::Request { from, client, seq, db, proto, frame } => {
                     let sink = sink::Sink::Remote { core: from, client, seq };
                     if let Err(reply) = core.lane(proto).enqueue(db, frame, sink, false) {
                         core.send(from, CoreMsg::Reply { client, seq, reply });
@@ -785,7 +788,7 @@ async fn flush_outbox(core: Rc<Core>) {
             if let Err(failed) = core.shared.inboxes[dest].try_send(batch) {
                 // The destination is gone (shutting down): answer our own clients' requests.
                 for msg in failed.into_inner() {
-                    if let CoreMsg::Request { client, seq, .. } = msg {
+                    if let CoreMsg::Request { client, seq, .. } | CoreMsg::Writer { client, seq, .. } = msg {
                         let c = core.clients.borrow().get(&client).and_then(Weak::upgrade);
                         if let Some(c) = c {
                             c.fill(seq, crate::resp::error("ERR resplica: sequencer core unavailable (shutting down)"));

@@ -27,6 +27,7 @@ use super::conn::{Conn, ConnReader, ConnWriter};
 use super::io::read_more;
 use super::sink::{Held, ReplyTarget, Sink};
 use super::Signal;
+use crate::replication::writer_request::WriterRequest;
 use crate::resp::{self, ReplySkimmer, Request, RequestParser};
 
 /// What `link_reply` gets for a forwarded request the other side refused because it is not
@@ -239,15 +240,20 @@ fn handle<R: PeerHandler>(repl: &Rc<R>, conn: &Rc<PeerConn>, req: Request) {
             let mine = repl.report_text();
             conn.reply(tag, &resp::bulk(mine.as_bytes()));
         }
-        b"rs.fwd" if req.len() == 6 => {
+        b"rs.fwd" if req.len() == 6 || req.len() == 7 => {
             let num = |i: usize| resp::parse_int(req.arg(i)).unwrap_or(0);
+            let watched = req.len() == 7 && req.arg(6).eq_ignore_ascii_case(b"watched");
+            let Some(work) = WriterRequest::decode(req.arg(5), watched) else {
+                conn.reply(tag, &resp::error("ERR resplica: RS.FWD carries no request"));
+                return;
+            };
             let node = conn.node.borrow().clone();
             let held = Held {
                 sink: Sink::To(conn.clone(), tag),
                 client_key: client_key(&node, num(4) as u64),
                 db: num(2) as u32,
                 proto: num(3) as u8,
-                frame: req.arg_bytes(5),
+                work,
                 deadline_ms: 0,
             };
             repl.submit_forwarded(held);
@@ -361,8 +367,14 @@ impl PeerLink {
             return Err(h);
         }
         let (db, proto, id) = (h.db.to_string(), h.proto.to_string(), client_id.to_string());
-        let frame = h.frame.clone();
-        self.send(b"RS.FWD", &[db.as_bytes(), proto.as_bytes(), id.as_bytes(), &frame], LinkWait::Forward(h));
+        // `RS.FWD <tag> <db> <proto> <client> <frames> [WATCHED]`: a block's WATCH travels
+        // as its own argument, not inside the frames.
+        let (frame, watched) = h.work.encode();
+        let mut args: Vec<&[u8]> = vec![db.as_bytes(), proto.as_bytes(), id.as_bytes(), &frame];
+        if watched {
+            args.push(b"WATCHED");
+        }
+        self.send(b"RS.FWD", &args, LinkWait::Forward(h));
         Ok(())
     }
 }

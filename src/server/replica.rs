@@ -27,12 +27,12 @@ use super::peer::{self, LinkWait, PeerConn, PeerHandler, PeerLink};
 use super::sink::{deliver_to, Held, Sink};
 use super::upstream::{connect_redis, roundtrip};
 use super::{Core, Signal};
-use crate::command;
 use crate::config::WriteAck;
 use crate::replication::membership::{Decision, Report, Role};
 use crate::replication::mirror::{ForwardedPath, MirrorControl, WriterPath};
 use crate::replication::sequencer::{Origin, ReplicaState, Sequencer};
-use crate::resp::{self, ReplySkimmer, RequestParser};
+use crate::replication::writer_request::WriterRequest;
+use crate::resp::{self, ReplySkimmer};
 
 /// Key copies in flight per resync (the throttle that keeps the writer serving).
 const COPIES_IN_FLIGHT: usize = 256;
@@ -170,9 +170,9 @@ impl Repl {
     // ---- the writer path -------------------------------------------------------------
 
     /// A request from one of this node's clients.
-    pub fn submit_client(&self, sink: Sink, client_id: u64, db: u32, proto: u8, frame: Bytes) {
+    pub fn submit_client(&self, sink: Sink, client_id: u64, db: u32, proto: u8, work: WriterRequest) {
         let key = peer::client_key(self.node_id(), client_id);
-        self.route(Held { sink, client_key: key, db, proto, frame, deadline_ms: 0 });
+        self.route(Held { sink, client_key: key, db, proto, work, deadline_ms: 0 });
     }
 
     /// A request a follower forwarded: only a writer takes it.
@@ -245,22 +245,12 @@ impl Repl {
         if self.lease_checked_at.replace(now) != now {
             self.update_streams(now);
         }
-        let mut reqs = Vec::new();
-        let mut buf = BytesMut::from(&h.frame[..]);
-        let mut parser = RequestParser::new(usize::MAX >> 1);
-        while let Ok(Some(r)) = parser.parse(&mut buf) {
-            reqs.push(r);
-        }
-        if reqs.is_empty() {
-            return deliver_to(&self.core, h.sink, resp::error("ERR resplica: empty request on the writer path"));
-        }
-        let write = reqs.len() > 1 || command::replicates(command::lookup(&reqs[0]), &reqs[0]);
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
         self.tickets.borrow_mut().insert(ticket, h.sink);
         let o = Origin { ticket, client_key: h.client_key, db: h.db, proto: h.proto };
         if let Some(seq) = self.seq.borrow_mut().as_mut() {
-            seq.submit(o, reqs, write, coarse_ms(libc::CLOCK_REALTIME_COARSE));
+            seq.submit(o, h.work, coarse_ms(libc::CLOCK_REALTIME_COARSE));
         }
         self.after_seq();
     }
@@ -478,9 +468,9 @@ impl Repl {
         for w in self.stream_wakes.borrow_mut().drain(..) {
             w.notify();
         }
-        for (ticket, client_key, db, proto, frame) in parked {
+        for (ticket, client_key, db, proto, work) in parked {
             if let Some(sink) = self.tickets.borrow_mut().remove(&ticket) {
-                self.hold(Held { sink, client_key, db, proto, frame, deadline_ms: 0 });
+                self.hold(Held { sink, client_key, db, proto, work, deadline_ms: 0 });
             }
         }
         // Anything else still waiting on a ticket cannot be answered any more.

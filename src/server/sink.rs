@@ -10,6 +10,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use super::{Core, CoreMsg};
+use crate::replication::writer_request::WriterRequest;
 
 /// Something on this core that waits for replies, each under the tag it sent it with: a
 /// client (tag: its request's sequence number) or a peer sidecar's link (tag: the peer's).
@@ -49,7 +50,8 @@ pub(crate) struct Held {
     pub client_key: u64,
     pub db: u32,
     pub proto: u8,
-    pub frame: Bytes,
+    /// Parsed once, on the client's core (or decoded from the peer link).
+    pub work: WriterRequest,
     /// Give up (TRYAGAIN) if no writer takes it by then (monotonic ms; 0 = not held yet).
     pub deadline_ms: u64,
 }

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use resplica::resp::ReplySkimmer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::{encode, temp_path};
 
