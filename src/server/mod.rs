@@ -454,28 +454,48 @@ type Rt = monoio::FusionRuntime<
     monoio::time::TimeDriver<monoio::LegacyDriver>,
 >;
 
-/// io_uring set-up flags tried first. COOP_TASKRUN (Linux 5.19+) lets completions wait for
-/// the thread's next entry into the kernel instead of interrupting it with an IPI each time;
-/// SINGLE_ISSUER (6.0+) tells the kernel only this thread submits. Older kernels reject them,
-/// and the ring is then built without.
-fn uring_builder(tuned: bool) -> io_uring::Builder {
+/// How much io_uring set-up tuning to ask for; a kernel that rejects a level gets the next.
+#[derive(Clone, Copy)]
+enum UringTuning {
+    /// DEFER_TASKRUN (Linux 6.1+) on top of `Coop`: completions are processed only when the
+    /// thread enters the kernel to wait, so the work of a whole turn's completions is done
+    /// in one go instead of interrupting the thread as each arrives.
+    Deferred,
+    /// COOP_TASKRUN (5.19+): completions wait for the thread's next entry into the kernel
+    /// instead of interrupting it with an IPI each time; SINGLE_ISSUER (6.0+): only this
+    /// thread submits.
+    Coop,
+    /// Neither (older kernels).
+    Plain,
+}
+
+fn uring_builder(tuning: UringTuning) -> io_uring::Builder {
     let mut b = io_uring::IoUring::builder();
-    if tuned {
-        b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer();
+    match tuning {
+        UringTuning::Deferred => {
+            b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer().setup_defer_taskrun();
+        }
+        UringTuning::Coop => {
+            b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer();
+        }
+        UringTuning::Plain => {}
     }
     b
 }
 
 fn build_runtime(driver: IoDriver) -> Result<(Rt, &'static str), StartError> {
     let uring = || {
-        let build = |tuned| {
+        let build = |tuning| {
             monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .uring_builder(uring_builder(tuned))
+                .uring_builder(uring_builder(tuning))
                 .enable_timer()
                 .build()
                 .map(|rt| -> Rt { rt.into() })
         };
-        build(true).or_else(|_| build(false)).map_err(|source| StartError::Runtime { driver: "io_uring", source })
+        build(UringTuning::Deferred)
+            .or_else(|_| build(UringTuning::Coop))
+            .or_else(|_| build(UringTuning::Plain))
+            .map_err(|source| StartError::Runtime { driver: "io_uring", source })
     };
     let epoll = || {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
