@@ -665,23 +665,6 @@ impl WriteBatch {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_write_batch_copies_small_frames_and_shares_large_ones() {
-        let mut b = super::WriteBatch::default();
-        let big = Bytes::from(vec![b'x'; super::BATCH_COPY_LIMIT + 1]);
-        b.push(&Bytes::from_static(b"+a\r\n"));
-        b.push_slice(b"+b\r\n");
-        b.push(&big);
-        b.push(&Bytes::from_static(b"+c\r\n"));
-        assert_eq!(b.len(), 12 + big.len());
-        let chunks = b.take();
-        assert!(b.is_empty());
-        assert_eq!(chunks.len(), 3);
-        assert_eq!(&chunks[0][..], b"+a\r\n+b\r\n");
-        assert_eq!(chunks[1].as_ptr(), big.as_ptr(), "the large frame is shared, not copied");
-        assert_eq!(&chunks[2][..], b"+c\r\n");
-    }
-
     use super::*;
 
     fn parse_all(input: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, ProtoError> {
@@ -752,5 +735,22 @@ mod tests {
         assert_eq!(&frames[3][..], b"%1\r\n+a\r\n~2\r\n,1.5\r\n#t\r\n");
         assert_eq!(&frames[4][..], b"|1\r\n+ttl\r\n:3\r\n+v\r\n");
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_write_batch_copies_small_frames_and_shares_large_ones() {
+        let mut b = WriteBatch::default();
+        let big = Bytes::from(vec![b'x'; BATCH_COPY_LIMIT + 1]);
+        b.push(&Bytes::from_static(b"+a\r\n"));
+        b.push_slice(b"+b\r\n");
+        b.push(&big);
+        b.push(&Bytes::from_static(b"+c\r\n"));
+        assert_eq!(b.len(), 12 + big.len());
+        let chunks = b.take();
+        assert!(b.is_empty());
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(&chunks[0][..], b"+a\r\n+b\r\n");
+        assert_eq!(chunks[1].as_ptr(), big.as_ptr(), "the large frame is shared, not copied");
+        assert_eq!(&chunks[2][..], b"+c\r\n");
     }
 }
