@@ -835,7 +835,12 @@ impl Session {
             any_db: false,
             allow_busy: def.is_some_and(|d| d.flags & command::F_ALLOW_BUSY != 0),
             write: command::is_write(def),
-            writer: (lane == Lane::Writer).then(|| WriterRequest::one(req.clone())),
+            // `def` is the session's lookup of `req` (None only for requests the session
+            // makes up, like DISCARD's UNWATCH: looked up there).
+            writer: (lane == Lane::Writer).then(|| match def {
+                Some(_) => WriterRequest::looked_up(req.clone(), def),
+                None => WriterRequest::one(req.clone()),
+            }),
         })
     }
 

@@ -16,13 +16,14 @@ use redis::Commands;
 fn client_tls_toml(
     redis: &RedisServer,
     driver: &str,
+    threads: usize,
     plain: u16,
     pki: &Pki,
     cert: &common::tls::CertFiles,
     verify: bool,
 ) -> String {
     format!(
-        "[node]\nio_driver = \"{driver}\"\nthreads = 2\nplaintext_listen = \"127.0.0.1:{plain}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
+        "[node]\nio_driver = \"{driver}\"\nthreads = {threads}\nplaintext_listen = \"127.0.0.1:{plain}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
          [redis]\naddress = \"{}\"\n\
          [client.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nverify_clients = {verify}\n",
         free_port(),
@@ -31,6 +32,21 @@ fn client_tls_toml(
         cert.key_str(),
         pki.ca_str(),
     )
+}
+
+/// A proxy serving TLS on its client port with `cert` (`verify`: mutual TLS), and the
+/// plaintext port beside it.
+fn tls_proxy(
+    redis: &RedisServer,
+    driver: &str,
+    threads: usize,
+    pki: &Pki,
+    cert: &common::tls::CertFiles,
+    verify: bool,
+) -> (Proxy, u16) {
+    let plain = free_port();
+    let proxy = Proxy::with_tls_config(&client_tls_toml(redis, driver, threads, plain, pki, cert, verify), plain);
+    (proxy, plain)
 }
 
 /// redis-cli `--tls` works through the client port on io_uring and epoll; the plaintext port
@@ -42,8 +58,7 @@ fn redis_cli_tls_through_the_client_port_on_both_drivers() {
     let server = pki.issue("server", "resplica");
     for driver in drivers() {
         let redis = RedisServer::start();
-        let plain = free_port();
-        let proxy = Proxy::with_tls_config(&client_tls_toml(&redis, driver, plain, &pki, &server, false), plain);
+        let (proxy, plain) = tls_proxy(&redis, driver, 2, &pki, &server, false);
         let port = proxy.port.to_string();
         let ca = pki.ca_str();
         let cli = |args: &[&str]| {
@@ -88,8 +103,7 @@ fn mutual_tls_refuses_a_client_without_a_certificate() {
     let client = pki.issue("client", "app");
     let stranger = other.issue("client", "stranger");
     let redis = RedisServer::start();
-    let plain = free_port();
-    let proxy = Proxy::with_tls_config(&client_tls_toml(&redis, "auto", plain, &pki, &server, true), plain);
+    let (proxy, _plain) = tls_proxy(&redis, "auto", 2, &pki, &server, true);
     let ping = |cert| TlsConn::connect(proxy.port, &pki.ca_file(), cert).and_then(|mut c| c.call(&["PING"]));
     assert!(ping(None).is_err(), "served a client without a certificate");
     assert!(ping(Some(&stranger)).is_err(), "served a client whose certificate another CA signed");
@@ -111,8 +125,7 @@ fn certificate_rotation_while_connected() {
     let pki = Pki::new("rotate");
     let server = pki.issue("server", "first");
     let redis = RedisServer::start();
-    let plain = free_port();
-    let proxy = Proxy::with_tls_config(&client_tls_toml(&redis, "auto", plain, &pki, &server, false), plain);
+    let (proxy, _plain) = tls_proxy(&redis, "auto", 2, &pki, &server, false);
     let first = server.der();
     let mut old = TlsConn::connect(proxy.port, &pki.ca_file(), None).expect("tls connect");
     assert_eq!(old.server_cert(), first);
@@ -247,8 +260,7 @@ fn a_big_first_request_right_behind_the_handshake() {
     let big = "y".repeat(100 * 1024);
     for driver in drivers() {
         let redis = RedisServer::start();
-        let plain = free_port();
-        let proxy = Proxy::with_tls_config(&client_tls_toml(&redis, driver, plain, &pki, &server, false), plain);
+        let (proxy, _plain) = tls_proxy(&redis, driver, 2, &pki, &server, false);
         for i in 0..20 {
             let key = format!("first:{i}");
             let first = common::encode(&["SET", key.as_str(), big.as_str()]);
@@ -267,9 +279,7 @@ fn close_notify_and_junk_in_the_handshake_do_not_stall_the_core() {
     let pki = Pki::new("junk");
     let server = pki.issue("server", "resplica");
     let redis = RedisServer::start();
-    let plain = free_port();
-    let toml = client_tls_toml(&redis, "auto", plain, &pki, &server, false).replace("threads = 2", "threads = 1");
-    let proxy = Proxy::with_tls_config(&toml, plain);
+    let (proxy, plain) = tls_proxy(&redis, "auto", 1, &pki, &server, false);
     for _ in 0..3 {
         TlsConn::finish_then_close_with_junk(proxy.port, &pki.ca_file(), &[0x17; 8192]).expect("handshake");
     }

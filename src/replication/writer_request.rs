@@ -8,7 +8,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::command;
+use crate::command::{self, CommandDef};
 use crate::resp::{Request, RequestParser};
 
 /// A request for the writer: one command, or a MULTI … EXEC block.
@@ -25,7 +25,14 @@ pub enum WriterRequest {
 impl WriterRequest {
     /// One command, classified by the command table.
     pub fn one(req: Request) -> WriterRequest {
-        let write = command::replicates(command::lookup(&req), &req);
+        let def = command::lookup(&req);
+        WriterRequest::looked_up(req, def)
+    }
+
+    /// One command whose table entry the caller already looked up (`command::lookup(&req)`;
+    /// the session has it for every request), so the hot path looks it up once.
+    pub fn looked_up(req: Request, def: Option<&CommandDef>) -> WriterRequest {
+        let write = command::replicates(def, &req);
         WriterRequest::One { req, write }
     }
 
@@ -79,14 +86,6 @@ impl WriterRequest {
             }
         }
     }
-
-    /// Whether it must reach every replica Redis: a write, or any block.
-    pub fn writes(&self) -> bool {
-        match self {
-            WriterRequest::One { write, .. } => *write,
-            WriterRequest::Block { .. } => true,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -97,11 +96,18 @@ mod tests {
         Request::from_args(a)
     }
 
+    fn writes(w: WriterRequest) -> bool {
+        matches!(w, WriterRequest::One { write: true, .. })
+    }
+
     #[test]
     fn one_command_is_classified_by_the_table() {
-        assert!(WriterRequest::one(r(&["SET", "k", "v"])).writes());
-        assert!(!WriterRequest::one(r(&["GET", "k"])).writes());
-        assert!(WriterRequest::one(r(&["PUBLISH", "c", "m"])).writes());
+        assert!(writes(WriterRequest::one(r(&["SET", "k", "v"]))));
+        assert!(!writes(WriterRequest::one(r(&["GET", "k"]))));
+        assert!(writes(WriterRequest::one(r(&["PUBLISH", "c", "m"]))));
+        let get = r(&["GET", "k"]);
+        let def = command::lookup(&get);
+        assert!(!writes(WriterRequest::looked_up(get, def)));
     }
 
     #[test]
