@@ -1458,8 +1458,10 @@ fn peer_link_refuses_a_wrong_secret() {
         b_secret: Some("not-the-secret".into()),
         ..PairOpts::default()
     });
-    // b cannot join a: it hears no writer and takes the role itself.
+    // b cannot join a: it hears no writer and takes the role itself; a, which hears no
+    // authenticated peer either, does the same (each on its own timer: wait for both).
     pair.wait_role("b", "writer", Duration::from_secs(10));
+    pair.wait_role("a", "writer", Duration::from_secs(10));
     let sa = pair.a.status().expect("status of a");
     assert_eq!(sa.role(), "writer", "{}", sa.raw);
     let link = sa.peer("b").map(|p| p.get("link").to_string());
